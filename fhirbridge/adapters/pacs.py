@@ -1,0 +1,255 @@
+"""The PACS adapter: one interface, `store(datasets)`, three transports chosen by URL.
+
+`dicom://AET@host:port` → DIMSE C-STORE (PS3.4 B, PS3.7 9.1.1) with pynetdicom;
+`http(s)://…/dicom-web` → STOW-RS (PS3.18 10.5) with httpx; `file:///dir` → a folder.
+"Already stored" counts as success, so every store can be retried.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+import httpx
+from pydicom import Dataset, dcmread
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+
+from fhirbridge.dicom.io import write_dataset
+
+
+class PacsError(Exception):
+    """Storing failed; `retryable` says whether trying again later may help."""
+
+    def __init__(self, text: str, *, retryable: bool = True) -> None:
+        super().__init__(text)
+        self.retryable = retryable
+
+
+class Pacs(Protocol):
+    def store(self, datasets: list[Dataset]) -> None: ...
+    def ping(self) -> bool: ...
+    def close(self) -> None: ...
+    @property
+    def wado_rs_url(self) -> str: ...
+
+
+# PS3.4 Annex B.2.3 C-STORE status: 0000 success; B000/B007/B006 warnings (stored);
+# 0111 "duplicate SOP instance" is success for an idempotent retry.
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0111}
+
+
+class DimsePacs:
+    """C-STORE SCU; one association per thread, reused across stores until it drops."""
+
+    def __init__(self, url: str, *, ae_title: str, max_pdu: int = 131072,
+                 timeout: float = 30.0, wado_rs_url: str = "") -> None:
+        u = urlparse(url)
+        if not u.hostname or not u.port:
+            raise ValueError("pacs.url must be dicom://CALLED_AET@host:port")
+        self.called_aet = unquote(u.username or "ANY-SCP")
+        self.host, self.port = u.hostname, u.port
+        self.ae_title = ae_title
+        self.max_pdu = max_pdu
+        self.timeout = timeout
+        self._wado = wado_rs_url.rstrip("/")
+        self._local = threading.local()
+
+    @property
+    def wado_rs_url(self) -> str:
+        return self._wado
+
+    def _ae(self, contexts: set[tuple[str, str]]) -> AE:
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = self.max_pdu
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in sorted(contexts)]
+        return ae
+
+    def _association(self, contexts: set[tuple[str, str]]) -> Association:
+        assoc: Association | None = getattr(self._local, "assoc", None)
+        have: set[tuple[str, str]] = getattr(self._local, "contexts", set())
+        if assoc is not None and assoc.is_established and contexts <= have:
+            return assoc
+        if assoc is not None and assoc.is_established:
+            assoc.release()
+        want = contexts | have  # keep earlier contexts so mixed batches reuse one association
+        assoc = self._ae(want).associate(self.host, self.port, ae_title=self.called_aet)
+        if not assoc.is_established:
+            self._local.assoc = None
+            raise PacsError("PACS refused or did not answer the association request")
+        self._local.assoc, self._local.contexts = assoc, want
+        return assoc
+
+    def store(self, datasets: list[Dataset]) -> None:
+        # Propose each object's own transfer syntax (PS3.8 9.3.2.2): no transcoding.
+        contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+        for attempt in (1, 2):
+            assoc = self._association(contexts)
+            try:
+                for ds in datasets:
+                    status = assoc.send_c_store(ds)
+                    if not status or "Status" not in status:
+                        raise ConnectionError("no C-STORE response")
+                    code = int(status.Status)
+                    if code not in _STORED:
+                        raise PacsError(f"C-STORE refused with status 0x{code:04X}",
+                                        retryable=(code & 0xF000) == 0xA700 or code == 0x0110)
+                return
+            except (ConnectionError, OSError, RuntimeError) as exc:
+                self._drop()
+                if attempt == 2:
+                    raise PacsError(f"C-STORE failed: {type(exc).__name__}") from exc
+
+    def _drop(self) -> None:
+        assoc = getattr(self._local, "assoc", None)
+        if assoc is not None:
+            try:
+                assoc.abort()
+            except Exception:
+                pass
+        self._local.assoc = None
+        self._local.contexts = set()
+
+    def ping(self) -> bool:
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = ae.network_timeout = 5
+        ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class, PS3.4 A
+        assoc = ae.associate(self.host, self.port, ae_title=self.called_aet)
+        if not assoc.is_established:
+            return False
+        try:
+            status = assoc.send_c_echo()
+            return bool(status) and int(status.Status) == 0
+        finally:
+            assoc.release()
+
+    def close(self) -> None:
+        assoc = getattr(self._local, "assoc", None)
+        if assoc is not None and assoc.is_established:
+            assoc.release()
+        self._local.assoc = None
+
+
+class StowRsPacs:
+    """STOW-RS: POST multipart/related; type="application/dicom" to {base}/studies."""
+
+    def __init__(self, base_url: str, *, timeout: float = 30.0, wado_rs_url: str = "",
+                 headers: dict[str, str] | None = None) -> None:
+        self.base = base_url.rstrip("/")
+        self._wado = (wado_rs_url or self.base).rstrip("/")
+        self.client = httpx.Client(timeout=timeout, headers=headers or {})
+
+    @property
+    def wado_rs_url(self) -> str:
+        return self._wado
+
+    def store(self, datasets: list[Dataset]) -> None:
+        boundary = uuid.uuid4().hex
+        body = io.BytesIO()
+        for ds in datasets:
+            body.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+            body.write(write_dataset(ds))
+            body.write(b"\r\n")
+        body.write(f"--{boundary}--\r\n".encode())
+        try:
+            r = self.client.post(
+                f"{self.base}/studies",
+                content=body.getvalue(),
+                headers={
+                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                    "Accept": "application/dicom+json",
+                },
+            )
+        except httpx.HTTPError as exc:
+            raise PacsError(f"STOW-RS request failed: {type(exc).__name__}") from exc
+        if r.status_code in (200, 202):
+            failed = _stow_failed_sop_sequence(r)
+            if failed:
+                raise PacsError(f"STOW-RS refused {len(failed)} instance(s)", retryable=False)
+            return
+        if r.status_code == 409:
+            raise PacsError("STOW-RS conflict (409): the PACS holds different data for a UID",
+                            retryable=False)
+        raise PacsError(f"STOW-RS answered HTTP {r.status_code}",
+                        retryable=r.status_code >= 500 or r.status_code == 429)
+
+    def ping(self) -> bool:
+        try:
+            r = self.client.get(f"{self.base}/studies", params={"limit": "1"})
+            return r.status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _stow_failed_sop_sequence(r: httpx.Response) -> list[object]:
+    """PS3.18 Table 10.5.3-1: FailedSOPSequence (0008,1198) lists what was not stored."""
+    try:
+        body = r.json()
+    except ValueError:
+        return []
+    failed = body.get("00081198", {}).get("Value", []) if isinstance(body, dict) else []
+    # Orthanc reports an identical already-stored instance as success; any failure listed is real
+    return list(failed)
+
+
+class FolderPacs:
+    """A folder of DICOM Part 10 files: <dir>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm."""
+
+    def __init__(self, url: str, *, wado_rs_url: str = "") -> None:
+        self.root = Path(unquote(urlparse(url).path))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._wado = wado_rs_url.rstrip("/")
+
+    @property
+    def wado_rs_url(self) -> str:
+        return self._wado
+
+    def path_for(self, ds: Dataset) -> Path:
+        return (self.root / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID)
+                / f"{ds.SOPInstanceUID}.dcm")
+
+    def store(self, datasets: list[Dataset]) -> None:
+        for ds in datasets:
+            path = self.path_for(ds)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+            tmp.write_bytes(write_dataset(ds))
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)  # a retry overwrites: same UID, same object
+
+    def read(self, sop_instance_uid: str) -> Dataset | None:
+        for path in self.root.glob(f"*/*/{sop_instance_uid}.dcm"):
+            return dcmread(path)
+        return None
+
+    def ping(self) -> bool:
+        return self.root.is_dir() and os.access(self.root, os.W_OK)
+
+    def close(self) -> None:
+        pass
+
+
+def open_pacs(url: str, *, ae_title: str = "FHIRBRIDGE", wado_rs_url: str = "",
+              timeout: float = 30.0, max_pdu: int = 131072) -> Pacs:
+    scheme = urlparse(url).scheme
+    if scheme == "dicom":
+        return DimsePacs(url, ae_title=ae_title, max_pdu=max_pdu, timeout=timeout,
+                         wado_rs_url=wado_rs_url)
+    if scheme in ("http", "https"):
+        return StowRsPacs(url, timeout=timeout, wado_rs_url=wado_rs_url)
+    if scheme == "file":
+        return FolderPacs(url, wado_rs_url=wado_rs_url)
+    raise ValueError(f"unsupported pacs.url scheme: {scheme!r}")
+
+
+__all__ = ["DimsePacs", "FolderPacs", "Pacs", "PacsError", "StowRsPacs", "open_pacs"]

@@ -1,0 +1,149 @@
+"""Settings: one TOML file (`--config`) overlaid by `FHIRBRIDGE_…` environment variables.
+
+Keys and defaults follow docs/contract (the README's Configuration section); read once, in
+the composition root (`fhirbridge.app`), never from other modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class HttpSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 64 * 1024 * 1024  # larger bodies get 413 before they are read
+
+
+class MllpSettings(BaseModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 2575
+    max_message_bytes: int = 1024 * 1024
+    idle_timeout_seconds: float = 600.0
+
+
+class PacsSettings(BaseModel):
+    url: str = ""  # file:///dir | dicom://CALLED_AET@host:port | http(s)://host/dicom-web
+    ae_title: str = "FHIRBRIDGE"
+    wado_rs_url: str = ""  # ImagingStudy.endpoint; derived for DICOMweb when empty
+    timeout_seconds: float = 30.0
+    max_pdu: int = 131072
+
+
+class EhrSettings(BaseModel):
+    fhir_url: str = ""  # the EHR's FHIR R4 base; empty = no EHR
+    bearer_token: str = ""
+    timeout_seconds: float = 15.0
+
+
+class IdentifierDomain(BaseModel):
+    """One patient-identifier namespace named in FHIR, HL7 v2 (CX-4) and DICOM (0010,0021)."""
+
+    fhir_system: str
+    hl7_assigning_authority: str = ""
+    dicom_issuer: str = ""
+    default: bool = False
+
+
+class PipelineSettings(BaseModel):
+    workers: int = 2
+    max_attempts: int = 8
+    backoff_base_seconds: float = 2.0
+    backoff_max_seconds: float = 600.0
+    lease_seconds: float = 300.0
+    poll_seconds: float = 0.2
+
+
+class MediaSettings(BaseModel):
+    max_pixels: int = 89_478_485  # Pillow's MAX_IMAGE_PIXELS; above is a hard reject
+    min_side: int = 0  # minimum of width and height; 0 = no minimum
+
+
+DEFAULT_DOMAIN = IdentifierDomain(
+    fhir_system="urn:oid:2.16.840.1.113883.3.7777",
+    hl7_assigning_authority="HOSP",
+    dicom_issuer="HOSP",
+    default=True,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FHIRBRIDGE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    data_dir: Path = Path("var")
+    database_url: str = ""  # empty = sqlite:///<data_dir>/fhirbridge.db
+    public_base_url: str = ""  # how clients reach /fhir; empty = http://host:port/fhir
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    mllp: MllpSettings = Field(default_factory=MllpSettings)
+    pacs: PacsSettings = Field(default_factory=PacsSettings)
+    ehr: EhrSettings = Field(default_factory=EhrSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
+    identifier_domains: list[IdentifierDomain] = Field(
+        default_factory=lambda: [DEFAULT_DOMAIN.model_copy()]
+    )
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'fhirbridge.db'}"
+        if not self.pacs.url:
+            self.pacs.url = (self.data_dir / "dicom").resolve().as_uri()
+        if not self.identifier_domains:
+            raise ValueError("at least one [[identifier_domains]] entry is required")
+        if not any(d.default for d in self.identifier_domains):
+            self.identifier_domains[0].default = True
+        for d in self.identifier_domains:
+            d.dicom_issuer = d.dicom_issuer or d.hl7_assigning_authority or d.fhir_system
+        return self
+
+    @property
+    def default_domain(self) -> IdentifierDomain:
+        return next(d for d in self.identifier_domains if d.default)
+
+    @property
+    def fhir_base_url(self) -> str:
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/")
+        return f"http://{self.http.host}:{self.http.port}/fhir"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _TOML_FILE is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_TOML_FILE))
+        return tuple(sources)
+
+
+_TOML_FILE: Path | None = None
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (if any), then the environment; explicit overrides win."""
+    global _TOML_FILE
+    _TOML_FILE = Path(config_file) if config_file else None
+    if _TOML_FILE is not None and not _TOML_FILE.is_file():
+        raise FileNotFoundError(f"configuration file not found: {_TOML_FILE}")
+    try:
+        return Settings(**overrides)
+    finally:
+        _TOML_FILE = None

@@ -1,0 +1,129 @@
+"""The durable job queue: claim with a lease, finish, retry with exponential back-off.
+
+A claimed job whose lease expires (worker killed) is claimed again; every step it runs is
+idempotent, so running it twice is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from fhirbridge.store.db import Database
+from fhirbridge.store.models import Job, utcnow
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    kind: str
+    subject_id: str
+    payload: dict[str, Any]
+    attempts: int  # including this one
+
+
+def enqueue(session: Session, kind: str, subject_id: str, payload: dict[str, Any] | None = None,
+            *, delay_seconds: float = 0.0) -> Job:
+    """Add a job inside the caller's transaction (so it commits with what it refers to)."""
+    job = Job(
+        kind=kind,
+        subject_id=subject_id,
+        payload_json=json.dumps(payload or {}),
+        state="queued",
+        next_attempt_at=utcnow() + timedelta(seconds=delay_seconds),
+    )
+    session.add(job)
+    return job
+
+
+class JobQueue:
+    def __init__(self, db: Database, *, lease_seconds: float = 300.0, max_attempts: int = 8,
+                 backoff_base_seconds: float = 2.0, backoff_max_seconds: float = 600.0) -> None:
+        self.db = db
+        self.lease = timedelta(seconds=lease_seconds)
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base_seconds
+        self.backoff_max = backoff_max_seconds
+
+    def claim(self, owner: str, kinds: tuple[str, ...] | None = None) -> ClaimedJob | None:
+        """Take the oldest due job: queued and due, or running with an expired lease."""
+        now = utcnow()
+        due = or_(
+            (Job.state == "queued") & (Job.next_attempt_at <= now),
+            (Job.state == "running") & (Job.lease_expires_at < now),
+        )
+        with self.db.transaction() as s:
+            q = select(Job.id).where(due)
+            if kinds:
+                q = q.where(Job.kind.in_(kinds))
+            q = q.order_by(Job.next_attempt_at, Job.id).limit(1)
+            if not self.db.is_sqlite:
+                q = q.with_for_update(skip_locked=True)
+            job_id = s.execute(q).scalar_one_or_none()
+            if job_id is None:
+                return None
+            row = s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(state="running", lease_owner=owner, lease_expires_at=now + self.lease,
+                        attempts=Job.attempts + 1, updated_at=now)
+                .returning(Job.id, Job.kind, Job.subject_id, Job.payload_json, Job.attempts)
+            ).one()
+        return ClaimedJob(row.id, row.kind, row.subject_id, json.loads(row.payload_json),
+                          row.attempts)
+
+    def complete(self, session: Session, job: ClaimedJob, state: str = "done") -> None:
+        """Mark done (or held) inside the transaction that records the step's result."""
+        session.execute(
+            update(Job).where(Job.id == job.id)
+            .values(state=state, lease_owner="", lease_expires_at=None, last_error="")
+        )
+
+    def fail(self, job: ClaimedJob, error: str, *, retryable: bool = True) -> str:
+        """Schedule a retry with exponential back-off and jitter, or give up: 'failed'."""
+        with self.db.transaction() as s:
+            if retryable and job.attempts < self.max_attempts:
+                delay = min(self.backoff_max, self.backoff_base * 2 ** (job.attempts - 1))
+                delay *= random.uniform(0.8, 1.2)
+                s.execute(
+                    update(Job).where(Job.id == job.id)
+                    .values(state="queued", lease_owner="", lease_expires_at=None,
+                            last_error=error[:2000],
+                            next_attempt_at=utcnow() + timedelta(seconds=delay))
+                )
+                return "queued"
+            s.execute(
+                update(Job).where(Job.id == job.id)
+                .values(state="failed", lease_owner="", lease_expires_at=None,
+                        last_error=error[:2000])
+            )
+            return "failed"
+
+    def list_failed(self) -> list[Job]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Job).where(Job.state == "failed").order_by(Job.id)))
+
+    def retry(self, job_id: int) -> bool:
+        """Operator retry of a failed job: attempts reset, due now."""
+        with self.db.transaction() as s:
+            res = s.execute(
+                update(Job).where(Job.id == job_id, Job.state == "failed")
+                .values(state="queued", attempts=0, next_attempt_at=utcnow(), last_error="")
+            )
+            return bool(res.rowcount)
+
+    def next_due_in(self) -> float | None:
+        with self.db.session() as s:
+            t = s.scalar(select(Job.next_attempt_at).where(Job.state == "queued")
+                         .order_by(Job.next_attempt_at).limit(1))
+        if t is None:
+            return None
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=timezone.utc)
+        return max(0.0, (t - datetime.now(timezone.utc)).total_seconds())

@@ -1,0 +1,119 @@
+"""Database tables: submissions, the job queue, Tasks, ImagingStudies and stored instances.
+
+SQLAlchemy 2 declarative models; one schema for SQLite (embedded) and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Submission(Base):
+    """An accepted upload (Media / DocumentReference) with its bytes staged on disk."""
+
+    __tablename__ = "submission"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(32))
+    resource_json: Mapped[str] = mapped_column(Text)  # content.data removed; bytes are in blob
+    content_type: Mapped[str] = mapped_column(String(128))
+    blob_path: Mapped[str] = mapped_column(String(512))
+    blob_sha256: Mapped[str] = mapped_column(String(64))
+    blob_size: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str] = mapped_column(String(64), index=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Task(Base):
+    """FHIR R4 Task reporting one submission's progress (focus = the submission)."""
+
+    __tablename__ = "task"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    submission_id: Mapped[str] = mapped_column(ForeignKey("submission.id"), unique=True)
+    focus: Mapped[str] = mapped_column(String(128), index=True)  # "Media/{id}"
+    status: Mapped[str] = mapped_column(String(32))
+    reason_code: Mapped[str] = mapped_column(String(64), default="")
+    reason_text: Mapped[str] = mapped_column(Text, default="")  # never PHI
+    output_ref: Mapped[str] = mapped_column(String(128), default="")  # "ImagingStudy/{id}"
+    candidates_json: Mapped[str] = mapped_column(Text, default="")  # held: candidate refs
+    authored_on: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_modified: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class Job(Base):
+    """A unit of pipeline work with a lease (claim), retries and back-off."""
+
+    __tablename__ = "job"
+    __table_args__ = (Index("ix_job_claim", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    subject_id: Mapped[str] = mapped_column(String(64), index=True)  # submission id, patient key…
+    payload_json: Mapped[str] = mapped_column(Text, default="{}")
+    state: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|done|failed|held
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_owner: Mapped[str] = mapped_column(String(64), default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str] = mapped_column(Text, default="")  # never PHI
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class ImagingStudyRecord(Base):
+    """fhirbridge's own copy of each ImagingStudy it wrote (searchable at /fhir/ImagingStudy)."""
+
+    __tablename__ = "imaging_study"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_ref: Mapped[str] = mapped_column(String(256), index=True)
+    resource_json: Mapped[str] = mapped_column(Text)
+    ehr_id: Mapped[str] = mapped_column(String(128), default="")
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class StoredInstance(Base):
+    """A DICOM instance fhirbridge built and stored, kept for corrections after merges."""
+
+    __tablename__ = "stored_instance"
+    __table_args__ = (UniqueConstraint("sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    submission_id: Mapped[str] = mapped_column(String(64), index=True)
+    patient_ref: Mapped[str] = mapped_column(String(256), index=True)  # EHR ref or index key
+    patient_id: Mapped[str] = mapped_column(String(128), default="")  # (0010,0020) as sent
+    issuer: Mapped[str] = mapped_column(String(128), default="")
+    content_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    file_path: Mapped[str] = mapped_column(String(512))
+    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
