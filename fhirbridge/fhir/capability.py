@@ -1,0 +1,58 @@
+"""The CapabilityStatement (FHIR R4) of what fhirbridge accepts and emits.
+
+`profiles/CapabilityStatement.json` is this, written out; tests keep the two and the routes equal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhirbridge import __version__
+
+
+def capability_statement() -> dict[str, Any]:
+    return {
+        "resourceType": "CapabilityStatement",
+        "id": "fhirbridge",
+        "url": "https://fhirbridge.dev/fhir/CapabilityStatement/fhirbridge",
+        "version": __version__,
+        "name": "FhirbridgeCapabilityStatement",
+        "title": "fhirbridge: patient-generated media into DICOM",
+        "status": "active",
+        "date": "2026-11-28",
+        "publisher": "fhirbridge",
+        "kind": "instance",
+        "software": {"name": "fhirbridge", "version": __version__},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "Uploads are accepted durably (201) and processed in the "
+                             "background; a Task whose focus is the upload reports progress.",
+            "resource": [
+                {
+                    "type": "Media",
+                    "documentation": "content.data base64 (strict), contentType image/jpeg; "
+                                     "subject = Patient reference or identifier.",
+                    "interaction": [{"code": "create"}, {"code": "read"}],
+                },
+                {
+                    "type": "Task",
+                    "interaction": [{"code": "read"}, {"code": "search-type"}],
+                    "searchParam": [
+                        {"name": "focus", "type": "reference"},
+                        {"name": "status", "type": "token"},
+                    ],
+                },
+                {
+                    "type": "ImagingStudy",
+                    "interaction": [{"code": "read"}, {"code": "search-type"}],
+                    "searchParam": [
+                        {"name": "patient", "type": "reference"},
+                        {"name": "subject", "type": "reference"},
+                        {"name": "identifier", "type": "token"},
+                    ],
+                },
+            ],
+        }],
+    }

@@ -1,0 +1,385 @@
+"""The worker: claims jobs and runs the upload pipeline — check media, resolve the patient,
+build DICOM, store in the PACS, write the ImagingStudy back — each step idempotent.
+
+UIDs derive from the submission's idempotency key (fhirbridge.dicom.uids), FHIR writes are
+conditional updates, and a PACS's "already stored" is success, so any step can run twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import select
+
+from fhirbridge.adapters.blobs import BlobStore
+from fhirbridge.adapters.ehr import EhrRefused, EhrUnavailable, FhirEhr
+from fhirbridge.adapters.pacs import Pacs, PacsError
+from fhirbridge.config import IdentifierDomain
+from fhirbridge.dicom.context import PatientDemographics, StudyContext
+from fhirbridge.dicom.io import write_dataset
+from fhirbridge.dicom.photo import build_vl_photographic
+from fhirbridge.dicom.uids import uid_from
+from fhirbridge.fhir.imagingstudy import (
+    InstanceSummary,
+    imaging_study,
+    study_identifier_token,
+)
+from fhirbridge.fhir.media import MediaDescription, describe_media
+from fhirbridge.identity.model import PatientRecord
+from fhirbridge.identity.policy import Held, Matched
+from fhirbridge.media.errors import MediaError
+from fhirbridge.media.photo import prepare_photo
+from fhirbridge.pipeline.intake import UPLOAD_JOB
+from fhirbridge.pipeline.patient import PatientResolver, identifier_in_domains
+from fhirbridge.pipeline.queue import ClaimedJob, JobQueue
+from fhirbridge.store.db import Database
+from fhirbridge.store.models import ImagingStudyRecord, StoredInstance, Submission, Task, utcnow
+
+log = logging.getLogger("fhirbridge.pipeline")
+
+FHIR_GENDER_TO_DICOM = {"male": "M", "female": "F", "other": "O"}
+
+
+class Permanent(Exception):
+    """A failure that retrying cannot fix: the Task fails with this reason (no PHI)."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+@dataclass
+class PipelineOptions:
+    domains: list[IdentifierDomain]
+    instances_dir: Path
+    wado_rs_url: str = ""
+    max_pixels: int = 89_478_485
+    min_side: int = 0
+    source_description: str = "Patient portal upload via fhirbridge"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, db: Database, queue: JobQueue, blobs: BlobStore, pacs: Pacs,
+                 resolver: PatientResolver, ehr: FhirEhr | None, options: PipelineOptions) -> None:
+        self.db = db
+        self.queue = queue
+        self.blobs = blobs
+        self.pacs = pacs
+        self.resolver = resolver
+        self.ehr = ehr
+        self.options = options
+        self.handlers: dict[str, Callable[[ClaimedJob], str]] = {UPLOAD_JOB: self.process_upload}
+        options.instances_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- the worker loop -------------------------------------------------------------------
+    def run_once(self, owner: str) -> bool:
+        """Claim and run one job; False when nothing was due."""
+        job = self.queue.claim(owner, tuple(self.handlers))
+        if job is None:
+            return False
+        try:
+            self.handlers[job.kind](job)
+        except Permanent as exc:
+            self.queue.fail(job, f"{exc.code}: {exc.text}", retryable=False)
+            self._set_task_for(job, "failed", exc.code, exc.text)
+        except (EhrUnavailable, PacsError, OSError) as exc:
+            retryable = getattr(exc, "retryable", True)
+            state = self.queue.fail(job, f"{type(exc).__name__}: {exc}", retryable=retryable)
+            log.warning("job %s attempt %s failed (%s); now %s", job.id, job.attempts,
+                        type(exc).__name__, state)
+            if state == "failed":
+                self._set_task_for(job, "failed", "delivery-failed", str(exc))
+        except Exception as exc:  # a bug must not kill the worker; the job is retried
+            log.exception("job %s crashed with %s", job.id, type(exc).__name__)
+            state = self.queue.fail(job, f"internal error: {type(exc).__name__}")
+            if state == "failed":
+                self._set_task_for(job, "failed", "internal-error",
+                                   "processing failed repeatedly; see the operator's job list")
+        return True
+
+    def run_forever(self, owner: str, stop: threading.Event, poll_seconds: float = 0.2) -> None:
+        while not stop.is_set():
+            try:
+                worked = self.run_once(owner)
+            except Exception:  # e.g. database briefly unavailable
+                log.exception("worker %s loop error", owner)
+                worked = False
+            if not worked:
+                stop.wait(poll_seconds)
+
+    # -- upload ----------------------------------------------------------------------------
+    def process_upload(self, job: ClaimedJob) -> str:
+        with self.db.session() as s:
+            sub = s.get(Submission, job.subject_id)
+            task = s.scalar(select(Task).where(Task.submission_id == job.subject_id))
+        if sub is None or task is None:
+            raise Permanent("missing-submission", "the submission is no longer stored")
+        if task.status in ("requested", "failed"):
+            self._set_task(task.id, "in-progress")
+        resource = json.loads(sub.resource_json)
+        desc = describe_media(resource)
+
+        # 1. media checks (decodable, pixel limit) and preparation; deterministic
+        try:
+            photo = prepare_photo(self.blobs.get(sub.blob_path), sub.content_type,
+                                  max_pixels=self.options.max_pixels,
+                                  min_side=self.options.min_side)
+        except MediaError as exc:
+            raise Permanent(exc.code, exc.text) from None
+
+        # 2. patient: matched, or held for a person (never a guess)
+        confirmed = job.payload.get("confirmed_patient")
+        verdict = self.resolver.resolve(desc.claim, desc.self_reported)
+        if confirmed:
+            patient = self._confirmed_record(confirmed, verdict)
+        elif isinstance(verdict, Held):
+            self._hold(job, task.id, verdict)
+            return "held"
+        else:
+            assert isinstance(verdict, Matched)
+            patient = verdict.patient
+        demographics = self.demographics(patient)
+        if demographics is None:
+            self._hold_reason(job, task.id, "no-identifier-in-domain",
+                              "the matched patient has no identifier in a configured domain",
+                              [patient.ref])
+            return "held"
+
+        # 3. DICOM, with UIDs derived from the submission
+        key = sub.idempotency_key
+        ctx = self.study_context(key, desc, sub.received_at)
+        ds = build_vl_photographic(photo, demographics, ctx, now=_aware(sub.received_at))
+        path = self.options.instances_dir / f"{ctx.sop_instance_uid}.dcm"
+        _write_atomic(path, write_dataset(ds))
+
+        # 4. PACS
+        self.pacs.store([ds])
+
+        # 5. ImagingStudy: at the EHR (conditional update), then ours, then Task completed
+        patient_ref = patient.ref
+        with self.db.transaction() as s:
+            inst = s.scalar(select(StoredInstance).where(
+                StoredInstance.sop_instance_uid == ctx.sop_instance_uid))
+            if inst is None:
+                inst = StoredInstance(sop_instance_uid=ctx.sop_instance_uid)
+                s.add(inst)
+            inst.sop_class_uid = str(ds.SOPClassUID)
+            inst.series_instance_uid = ctx.series_instance_uid
+            inst.study_instance_uid = ctx.study_instance_uid
+            inst.submission_id = sub.id
+            inst.patient_ref = patient_ref
+            inst.patient_id = demographics.patient_id
+            inst.issuer = demographics.issuer_of_patient_id
+            inst.content_sha256 = sub.blob_sha256
+            inst.file_path = str(path)
+        study_ref = self.write_back_study(ctx.study_instance_uid, patient)
+        with self.db.transaction() as s:
+            t = s.get(Task, task.id)
+            assert t is not None
+            t.status, t.reason_code, t.reason_text = "completed", "", ""
+            t.output_ref = study_ref
+            self.queue.complete(s, job)
+        return "done"
+
+    # -- pieces, public so corrections and the review queue reuse them ----------------------
+    def demographics(self, patient: PatientRecord) -> PatientDemographics | None:
+        """DICOM Patient Module values from the EHR (or index) record, never from the upload.
+        PatientID/IssuerOfPatientID come from the first configured domain the patient has."""
+        domains = sorted(self.options.domains, key=lambda d: not d.default)
+        ident = identifier_in_domains(patient, [d.fhir_system for d in domains])
+        if ident is None:
+            return None
+        domain = next(d for d in domains if d.fhir_system == ident.system)
+        others = tuple(
+            (i.value, d.dicom_issuer)
+            for d in domains for i in patient.identifiers
+            if i.system == d.fhir_system and i != ident
+        )
+        name = patient.names[0] if patient.names else None
+        return PatientDemographics(
+            patient_id=ident.value,
+            issuer_of_patient_id=domain.dicom_issuer,
+            family=name.family if name else "",
+            given=tuple(name.given) if name else (),
+            prefix=name.prefix if name else "",
+            suffix=name.suffix if name else "",
+            birth_date=(patient.birth_date or "").replace("-", ""),
+            sex=FHIR_GENDER_TO_DICOM.get(patient.sex or "", ""),
+            other_ids=others,
+        )
+
+    def study_context(self, key: str, desc: MediaDescription,
+                      received_at: datetime) -> StudyContext:
+        created = desc.created or _aware(received_at)
+        return StudyContext(
+            study_instance_uid=uid_from("study", key),
+            series_instance_uid=uid_from("series", key),
+            sop_instance_uid=uid_from("sop", key),
+            content_datetime=created,
+            study_datetime=created,
+            study_id="1",
+            series_number=1,
+            instance_number=1,
+            study_description="Patient-generated photo",
+            series_description="Patient portal photo",
+            anatomic_region=desc.body_site,
+            laterality=desc.laterality,
+            manufacturer=desc.device_make,
+            manufacturer_model_name=desc.device_model,
+            comments=desc.notes,
+            source_description=self.options.source_description,
+        )
+
+    def subject_reference(self, patient: PatientRecord) -> dict[str, Any]:
+        if patient.source == "ehr":
+            return {"reference": patient.ref}
+        ident = identifier_in_domains(patient, [d.fhir_system for d in self.options.domains])
+        if ident is not None:
+            return {"type": "Patient",
+                    "identifier": {"system": ident.system, "value": ident.value}}
+        return {"reference": patient.ref}
+
+    def write_back_study(self, study_instance_uid: str, patient: PatientRecord) -> str:
+        """(Re)build the ImagingStudy from every instance stored for the study; write it to the
+        EHR by conditional update, keep our copy. Returns `ImagingStudy/{our id}`."""
+        with self.db.session() as s:
+            rows = list(s.scalars(select(StoredInstance).where(
+                StoredInstance.study_instance_uid == study_instance_uid)))
+        summaries = [summary_from_file(Path(r.file_path)) for r in rows]
+        local_id = str(uuid.uuid5(uuid.NAMESPACE_OID, study_instance_uid))
+        subject = self.subject_reference(patient)
+        resource = imaging_study(summaries, subject=subject,
+                                 wado_rs_url=self.options.wado_rs_url, resource_id=local_id)
+        ehr_id = ""
+        if self.ehr is not None and patient.source == "ehr":
+            try:
+                ehr_id = self.ehr.upsert_imaging_study(resource,
+                                                       study_identifier_token(study_instance_uid))
+            except EhrRefused as exc:
+                raise Permanent("ehr-refused", str(exc)) from None
+        patient_key = subject.get("reference") or (
+            f"{subject['identifier']['system']}|{subject['identifier']['value']}")
+        with self.db.transaction() as s:
+            rec = s.get(ImagingStudyRecord, local_id)
+            if rec is None:
+                rec = ImagingStudyRecord(id=local_id, study_instance_uid=study_instance_uid)
+                s.add(rec)
+            rec.patient_ref = patient_key
+            rec.resource_json = json.dumps(resource)
+            rec.ehr_id = ehr_id or rec.ehr_id or ""
+        return f"ImagingStudy/{local_id}"
+
+    # -- task state ------------------------------------------------------------------------
+    def _hold(self, job: ClaimedJob, task_id: str, verdict: Held) -> None:
+        self._hold_reason(job, task_id, verdict.reason.value, verdict.detail,
+                          [c.ref for c in verdict.candidates])
+
+    def _hold_reason(self, job: ClaimedJob, task_id: str, code: str, text: str,
+                     candidates: list[str]) -> None:
+        with self.db.transaction() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            t.status, t.reason_code, t.reason_text = "on-hold", code, text
+            t.candidates_json = json.dumps(sorted(set(candidates)))
+            self.queue.complete(s, job, state="held")
+
+    def _confirmed_record(self, confirmed: dict[str, Any], verdict: Any) -> PatientRecord:
+        """A reviewer confirmed a patient: use the freshest record we can get for it."""
+        ref = confirmed["ref"]
+        if isinstance(verdict, (Held, Matched)):
+            pool = verdict.candidates if isinstance(verdict, Held) else (verdict.patient,)
+            for c in pool:
+                if c.ref == ref:
+                    return c
+        record = self.lookup_patient(ref)
+        if record is None:
+            raise Permanent("confirmed-patient-missing", "the confirmed patient cannot be found")
+        return record
+
+    def lookup_patient(self, ref: str) -> PatientRecord | None:
+        from fhirbridge.identity.model import patient_record_from_fhir
+
+        if ref.startswith("Patient/") and self.ehr is not None:
+            found = self.ehr.read_patient(ref)
+            return patient_record_from_fhir(found) if found else None
+        index = self.resolver.index
+        return index.get(ref) if index is not None else None
+
+    def _set_task(self, task_id: str, status: str, code: str = "", text: str = "") -> None:
+        with self.db.transaction() as s:
+            t = s.get(Task, task_id)
+            if t is not None:
+                t.status, t.reason_code, t.reason_text = status, code, text
+
+    def _set_task_for(self, job: ClaimedJob, status: str, code: str, text: str) -> None:
+        if job.kind != UPLOAD_JOB:
+            return
+        with self.db.transaction() as s:
+            t = s.scalar(select(Task).where(Task.submission_id == job.subject_id))
+            if t is not None:
+                t.status, t.reason_code, t.reason_text = status, code, text[:500]
+
+
+def summary_from_file(path: Path) -> InstanceSummary:
+    """Read back what ImagingStudy needs from the object we stored (not from the request)."""
+    ds: Dataset = dcmread(path, stop_before_pixels=True)
+    started = None
+    if ds.get("StudyDate"):
+        t = str(ds.get("StudyTime", "") or "000000").split(".")[0].ljust(6, "0")
+        started = datetime.strptime(f"{ds.StudyDate}{t}", "%Y%m%d%H%M%S")
+        tz = str(ds.get("TimezoneOffsetFromUTC", "") or "")
+        if tz:
+            sign = 1 if tz[0] == "+" else -1
+            from datetime import timedelta
+
+            started = started.replace(tzinfo=timezone(sign * timedelta(
+                hours=int(tz[1:3]), minutes=int(tz[3:5]))))
+    region = None
+    seq = ds.get("AnatomicRegionSequence")
+    if seq:
+        from fhirbridge.dicom.context import CodedConcept
+
+        region = CodedConcept(code=str(seq[0].CodeValue), scheme=str(seq[0].CodingSchemeDesignator),
+                              meaning=str(seq[0].get("CodeMeaning", "")))
+    return InstanceSummary(
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        modality=str(ds.Modality),
+        series_number=int(ds.get("SeriesNumber") or 1),
+        instance_number=int(ds.get("InstanceNumber") or 1),
+        started=started,
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+        study_description=str(ds.get("StudyDescription", "") or ""),
+        body_site=region,
+        laterality=str(ds.get("ImageLaterality", "") or ""),
+        title=str(ds.get("DocumentTitle", "") or ""),
+    )
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+__all__ = ["Permanent", "Pipeline", "PipelineOptions", "summary_from_file", "utcnow"]
