@@ -117,3 +117,81 @@ class StoredInstance(Base):
     content_sha256: Mapped[str] = mapped_column(String(64), index=True)
     file_path: Mapped[str] = mapped_column(String(512))
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# -- the patient index, fed by HL7 v2 ADT (PAM / PIX feed) ----------------------------------
+
+
+class IndexPatient(Base):
+    """One patient as ADT describes them; `merged_into` links a subsumed record to its
+    survivor (A40), so look-ups by a retired identifier lead to the survivor."""
+
+    __tablename__ = "index_patient"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    names_json: Mapped[str] = mapped_column(Text, default="[]")
+    birth_date: Mapped[str] = mapped_column(String(10), default="")  # YYYY-MM-DD
+    sex: Mapped[str] = mapped_column(String(16), default="")  # FHIR gender
+    active: Mapped[bool] = mapped_column(default=True)
+    merged_into: Mapped[str | None] = mapped_column(String(64), index=True)
+    last_event_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class IndexIdentifier(Base):
+    """A patient identifier in one configured domain (FHIR system ↔ HL7 CX-4 ↔ DICOM issuer)."""
+
+    __tablename__ = "index_identifier"
+    __table_args__ = (UniqueConstraint("system", "value"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    system: Mapped[str] = mapped_column(String(256))
+    value: Mapped[str] = mapped_column(String(128))
+    patient_key: Mapped[str] = mapped_column(ForeignKey("index_patient.key"), index=True)
+
+
+class IndexHistory(Base):
+    """Every demographic change and merge, with the event that caused it."""
+
+    __tablename__ = "index_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    patient_key: Mapped[str] = mapped_column(String(64), index=True)
+    event_type: Mapped[str] = mapped_column(String(8))
+    control_id: Mapped[str] = mapped_column(String(64), default="")
+    event_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    applied: Mapped[bool] = mapped_column(default=True)  # False: older than what was applied
+    snapshot_json: Mapped[str] = mapped_column(Text, default="{}")
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Hl7Message(Base):
+    """Each accepted HL7 message by (sending application, facility, MSH-10): a repeat is
+    acknowledged again and applied once."""
+
+    __tablename__ = "hl7_message"
+    __table_args__ = (UniqueConstraint("sender", "control_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sender: Mapped[str] = mapped_column(String(256))
+    control_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(8))
+    ack_code: Mapped[str] = mapped_column(String(2))
+    ack_text: Mapped[str] = mapped_column(Text, default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReviewDecision(Base):
+    """A person's decision on a held upload: confirm a patient, or reject (who, when, why)."""
+
+    __tablename__ = "review_decision"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(64), index=True)
+    decision: Mapped[str] = mapped_column(String(16))  # confirm | reject
+    patient_ref: Mapped[str] = mapped_column(String(256), default="")
+    reviewer: Mapped[str] = mapped_column(String(128))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
