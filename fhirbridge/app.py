@@ -22,10 +22,12 @@ from fhirbridge.adapters.blobs import BlobStore
 from fhirbridge.adapters.ehr import FhirEhr
 from fhirbridge.adapters.pacs import Pacs, open_pacs
 from fhirbridge.config import Settings
+from fhirbridge.pipeline.corrections import RECONCILE_JOB, reconcile
 from fhirbridge.pipeline.patient import PatientResolver
 from fhirbridge.pipeline.process import Pipeline, PipelineOptions
 from fhirbridge.pipeline.queue import JobQueue
 from fhirbridge.store.db import Database
+from fhirbridge.store.patient_index import PatientIndex
 
 log = logging.getLogger("fhirbridge")
 T = TypeVar("T")
@@ -50,6 +52,7 @@ class Services:
     pacs: Pacs
     ehr: FhirEhr | None
     pipeline: Pipeline
+    index: PatientIndex
     metrics: Metrics = field(default_factory=Metrics)
 
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
@@ -76,10 +79,12 @@ def build_services(settings: Settings) -> Services:
     if not wado and settings.pacs.url.startswith(("http://", "https://")):
         wado = settings.pacs.url  # DICOMweb: WADO-RS lives at the same base as STOW-RS
     pacs = open_pacs(settings.pacs.url, ae_title=settings.pacs.ae_title, wado_rs_url=wado,
-                     timeout=settings.pacs.timeout_seconds, max_pdu=settings.pacs.max_pdu)
+                     timeout=settings.pacs.timeout_seconds, max_pdu=settings.pacs.max_pdu,
+                     correction=settings.pacs.correction, orthanc_url=settings.pacs.orthanc_url)
     ehr = (FhirEhr(settings.ehr.fhir_url, timeout=settings.ehr.timeout_seconds,
                    bearer_token=settings.ehr.bearer_token) if settings.ehr.fhir_url else None)
-    resolver = PatientResolver(ehr, index=None)
+    index = PatientIndex(db)
+    resolver = PatientResolver(ehr, index=index)
     pipeline = Pipeline(db, queue, blobs, pacs, resolver, ehr, PipelineOptions(
         domains=settings.identifier_domains,
         instances_dir=settings.data_dir / "instances",
@@ -87,7 +92,8 @@ def build_services(settings: Settings) -> Services:
         max_pixels=settings.media.max_pixels,
         min_side=settings.media.min_side,
     ))
-    return Services(settings, db, queue, blobs, pacs, ehr, pipeline)
+    pipeline.handlers[RECONCILE_JOB] = partial(reconcile, pipeline)
+    return Services(settings, db, queue, blobs, pacs, ehr, pipeline, index)
 
 
 class Workers:

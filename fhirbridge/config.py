@@ -38,6 +38,8 @@ class PacsSettings(BaseModel):
     wado_rs_url: str = ""  # ImagingStudy.endpoint; derived for DICOMweb when empty
     timeout_seconds: float = 30.0
     max_pdu: int = 131072
+    correction: str = "resend"  # how re-identified objects reach the PACS: resend | orthanc
+    orthanc_url: str = ""  # Orthanc REST base, for correction = "orthanc"
 
 
 class EhrSettings(BaseModel):

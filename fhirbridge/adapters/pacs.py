@@ -33,6 +33,7 @@ class PacsError(Exception):
 
 class Pacs(Protocol):
     def store(self, datasets: list[Dataset]) -> None: ...
+    def replace(self, corrected: list[tuple[str, Dataset]]) -> None: ...
     def ping(self) -> bool: ...
     def close(self) -> None: ...
     @property
@@ -116,6 +117,10 @@ class DimsePacs:
         self._local.assoc = None
         self._local.contexts = set()
 
+    def replace(self, corrected: list[tuple[str, Dataset]]) -> None:
+        """Re-send under the same SOP Instance UIDs (for PACSs keyed on the UID)."""
+        self.store([ds for _, ds in corrected])
+
     def ping(self) -> bool:
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.network_timeout = 5
@@ -179,6 +184,9 @@ class StowRsPacs:
         raise PacsError(f"STOW-RS answered HTTP {r.status_code}",
                         retryable=r.status_code >= 500 or r.status_code == 429)
 
+    def replace(self, corrected: list[tuple[str, Dataset]]) -> None:
+        self.store([ds for _, ds in corrected])
+
     def ping(self) -> bool:
         try:
             r = self.client.get(f"{self.base}/studies", params={"limit": "1"})
@@ -227,6 +235,9 @@ class FolderPacs:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)  # a retry overwrites: same UID, same object
 
+    def replace(self, corrected: list[tuple[str, Dataset]]) -> None:
+        self.store([ds for _, ds in corrected])  # same path: the file is replaced
+
     def read(self, sop_instance_uid: str) -> Dataset | None:
         for path in self.root.glob(f"*/*/{sop_instance_uid}.dcm"):
             return dcmread(path)
@@ -239,8 +250,66 @@ class FolderPacs:
         pass
 
 
+class OrthancCorrections:
+    """Orthanc keys patients on PatientID: a corrected object re-sent under a new PatientID is
+    a second copy, and the old one stays under the retired ID. After re-sending, delete every
+    copy of the same SOP Instance UID filed under another PatientID (Orthanc REST API)."""
+
+    def __init__(self, pacs: Pacs, rest_url: str, *, timeout: float = 30.0,
+                 auth: tuple[str, str] | None = None) -> None:
+        self.pacs = pacs
+        self.rest = httpx.Client(base_url=rest_url.rstrip("/"), timeout=timeout, auth=auth)
+
+    @property
+    def wado_rs_url(self) -> str:
+        return self.pacs.wado_rs_url
+
+    def store(self, datasets: list[Dataset]) -> None:
+        self.pacs.store(datasets)
+
+    def replace(self, corrected: list[tuple[str, Dataset]]) -> None:
+        self.pacs.store([ds for _, ds in corrected])
+        for _old_patient_id, ds in corrected:
+            try:
+                r = self.rest.post("/tools/find", json={
+                    "Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)},
+                    "Expand": True})
+                r.raise_for_status()
+                for inst in r.json():
+                    pid = self.rest.get(f"/instances/{inst['ID']}/simplified-tags")
+                    pid.raise_for_status()
+                    if pid.json().get("PatientID", "") != str(ds.PatientID):
+                        self.rest.delete(f"/instances/{inst['ID']}").raise_for_status()
+            except httpx.HTTPError as exc:
+                raise PacsError(f"Orthanc correction failed: {type(exc).__name__}") from exc
+
+    def ping(self) -> bool:
+        return self.pacs.ping()
+
+    def close(self) -> None:
+        self.rest.close()
+        self.pacs.close()
+
+
 def open_pacs(url: str, *, ae_title: str = "FHIRBRIDGE", wado_rs_url: str = "",
-              timeout: float = 30.0, max_pdu: int = 131072) -> Pacs:
+              timeout: float = 30.0, max_pdu: int = 131072, correction: str = "resend",
+              orthanc_url: str = "") -> Pacs:
+    """The PACS named by `url`; `correction` says how re-identified objects reach it:
+    "resend" (same UIDs; PACSs keyed on SOP Instance UID) or "orthanc" (resend, then delete
+    the copy left under the old PatientID through Orthanc's REST API at `orthanc_url`)."""
+    pacs = _open_transport(url, ae_title=ae_title, wado_rs_url=wado_rs_url, timeout=timeout,
+                           max_pdu=max_pdu)
+    if correction == "orthanc":
+        if not orthanc_url:
+            raise ValueError('pacs.correction = "orthanc" needs pacs.orthanc_url')
+        return OrthancCorrections(pacs, orthanc_url, timeout=timeout)
+    if correction != "resend":
+        raise ValueError(f"unsupported pacs.correction: {correction!r}")
+    return pacs
+
+
+def _open_transport(url: str, *, ae_title: str, wado_rs_url: str, timeout: float,
+                    max_pdu: int) -> Pacs:
     scheme = urlparse(url).scheme
     if scheme == "dicom":
         return DimsePacs(url, ae_title=ae_title, max_pdu=max_pdu, timeout=timeout,
@@ -252,4 +321,4 @@ def open_pacs(url: str, *, ae_title: str = "FHIRBRIDGE", wado_rs_url: str = "",
     raise ValueError(f"unsupported pacs.url scheme: {scheme!r}")
 
 
-__all__ = ["DimsePacs", "FolderPacs", "Pacs", "PacsError", "StowRsPacs", "open_pacs"]
+__all__ = ["DimsePacs", "FolderPacs", "OrthancCorrections", "Pacs", "PacsError", "StowRsPacs", "open_pacs"]

@@ -112,7 +112,7 @@ class StoredInstance(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     submission_id: Mapped[str] = mapped_column(String(64), index=True)
     patient_ref: Mapped[str] = mapped_column(String(256), index=True)  # EHR ref or index key
-    patient_id: Mapped[str] = mapped_column(String(128), default="")  # (0010,0020) as sent
+    patient_id: Mapped[str] = mapped_column(String(128), default="", index=True)  # (0010,0020)
     issuer: Mapped[str] = mapped_column(String(128), default="")
     content_sha256: Mapped[str] = mapped_column(String(64), index=True)
     file_path: Mapped[str] = mapped_column(String(512))
