@@ -350,7 +350,8 @@ def summary_from_file(path: Path) -> InstanceSummary:
     if seq:
         from fhirbridge.dicom.context import CodedConcept
 
-        region = CodedConcept(code=str(seq[0].CodeValue), scheme=str(seq[0].CodingSchemeDesignator),
+        code = seq[0].get("CodeValue") or seq[0].get("LongCodeValue") or ""
+        region = CodedConcept(code=str(code), scheme=str(seq[0].CodingSchemeDesignator),
                               meaning=str(seq[0].get("CodeMeaning", "")))
     return InstanceSummary(
         study_instance_uid=str(ds.StudyInstanceUID),
