@@ -124,7 +124,7 @@ class Workers:
 
 def create_app(services: Services, *, workers: int | None = None,
                mllp: bool | None = None) -> FastAPI:
-    from fhirbridge.api import imagingstudy, media, ops, task
+    from fhirbridge.api import imagingstudy, media, ops, review, task
     from fhirbridge.api.limits import BodySizeLimit
     from fhirbridge.api.responses import install_error_handlers
 
@@ -149,7 +149,7 @@ def create_app(services: Services, *, workers: int | None = None,
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.services = services
     install_error_handlers(app)
-    for module in (media, task, imagingstudy, ops):
+    for module in (media, task, imagingstudy, review, ops):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.http.max_body_bytes)
     return app

@@ -1,0 +1,49 @@
+"""The review queue's JSON API: `GET /review`, `POST /review/{task_id}` (confirm / reject)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from fhirbridge.api.deps import services_of
+from fhirbridge.fhir.outcome import FhirError
+from fhirbridge.pipeline.review import ReviewError, decide, decisions_for, list_held
+
+router = APIRouter()
+
+
+class Decision(BaseModel):
+    decision: str  # confirm | reject
+    reviewer: str
+    patient: str = ""  # Patient/{id} or index:{key}, for confirm
+    comment: str = ""
+
+
+@router.get("/review")
+def held(request: Request) -> list[dict[str, Any]]:
+    return [{"task": f"Task/{h.task_id}", "focus": h.focus, "reason": h.reason_code,
+             "detail": h.reason_text, "candidates": h.candidates,
+             "held_since": h.held_since.isoformat()} for h in list_held(services_of(request).db)]
+
+
+@router.post("/review/{task_id}")
+def review(task_id: str, body: Decision, request: Request) -> JSONResponse:
+    try:
+        rec = decide(services_of(request).db, task_id, decision=body.decision,
+                     reviewer=body.reviewer, patient_ref=body.patient, comment=body.comment)
+    except ReviewError as exc:
+        raise FhirError(exc.status, "invalid" if exc.status == 400 else
+                        ("not-found" if exc.status == 404 else "conflict"), exc.text) from None
+    return JSONResponse({"task": f"Task/{task_id}", "decision": rec.decision,
+                         "patient": rec.patient_ref, "reviewer": rec.reviewer,
+                         "decided_at": rec.decided_at.isoformat()})
+
+
+@router.get("/review/{task_id}/decisions")
+def history(task_id: str, request: Request) -> list[dict[str, Any]]:
+    return [{"decision": d.decision, "patient": d.patient_ref, "reviewer": d.reviewer,
+             "comment": d.comment, "decided_at": d.decided_at.isoformat()}
+            for d in decisions_for(services_of(request).db, task_id)]

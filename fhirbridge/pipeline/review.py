@@ -1,0 +1,77 @@
+"""The review queue: uploads held because identity was doubtful, and a person's decision —
+confirm a patient (the pipeline continues with that patient) or reject. Every decision is
+recorded with who and when.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+
+from fhirbridge.pipeline.intake import UPLOAD_JOB
+from fhirbridge.pipeline.queue import enqueue
+from fhirbridge.store.db import Database
+from fhirbridge.store.models import ReviewDecision, Task
+
+
+class ReviewError(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+@dataclass(frozen=True)
+class HeldItem:
+    task_id: str
+    focus: str
+    reason_code: str
+    reason_text: str
+    candidates: list[str]
+    held_since: datetime
+
+
+def list_held(db: Database) -> list[HeldItem]:
+    with db.session() as s:
+        tasks = list(s.scalars(select(Task).where(Task.status == "on-hold")
+                               .order_by(Task.last_modified)))
+    return [HeldItem(t.id, t.focus, t.reason_code, t.reason_text,
+                     json.loads(t.candidates_json or "[]"), t.last_modified) for t in tasks]
+
+
+def decide(db: Database, task_id: str, *, decision: str, reviewer: str, patient_ref: str = "",
+           comment: str = "") -> ReviewDecision:
+    if decision not in ("confirm", "reject"):
+        raise ReviewError(400, "decision must be confirm or reject")
+    if not reviewer.strip():
+        raise ReviewError(400, "reviewer is required")
+    if decision == "confirm" and not (patient_ref.startswith("Patient/")
+                                      or patient_ref.startswith("index:")):
+        raise ReviewError(400, "confirm needs patient: Patient/{id} (EHR) or index:{key}")
+    with db.transaction() as s:
+        task = s.get(Task, task_id)
+        if task is None:
+            raise ReviewError(404, "no such Task")
+        if task.status != "on-hold":
+            raise ReviewError(409, "the Task is not on hold")
+        record = ReviewDecision(task_id=task_id, decision=decision, patient_ref=patient_ref,
+                                reviewer=reviewer.strip()[:128], comment=comment[:2000])
+        s.add(record)
+        if decision == "confirm":
+            task.status, task.reason_code, task.reason_text = (
+                "requested", "confirmed-by-reviewer", "identity confirmed by a reviewer")
+            enqueue(s, UPLOAD_JOB, task.submission_id, {"confirmed_patient": {
+                "ref": patient_ref, "reviewer": record.reviewer}})
+        else:
+            task.status, task.reason_code, task.reason_text = (
+                "failed", "rejected-by-reviewer", "rejected by a reviewer")
+    return record
+
+
+def decisions_for(db: Database, task_id: str) -> list[ReviewDecision]:
+    with db.session() as s:
+        return list(s.scalars(select(ReviewDecision).where(ReviewDecision.task_id == task_id)
+                              .order_by(ReviewDecision.id)))
