@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -24,7 +25,8 @@ async def create_media(request: Request) -> Response:
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype not in ("application/fhir+json", "application/json", ""):
         raise FhirError(415, "not-supported", "send FHIR JSON (application/fhir+json)")
-    inbound = await svc.run_sync(parse_media, body)
+    inbound = await svc.run_sync(partial(parse_media, max_pixels=svc.settings.media.max_pixels,
+                                         min_side=svc.settings.media.min_side), body)
     accepted = await svc.run_sync(accept_media, svc.db, svc.blobs, inbound)
     location = f"{svc.settings.fhir_base_url}/Media/{accepted.resource_id}/_history/1"
     resource = dict(inbound.resource, id=accepted.resource_id)

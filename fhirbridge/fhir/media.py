@@ -26,6 +26,8 @@ from fhirbridge.identity.model import (
     SubjectClaim,
     self_reported_from_fhir,
 )
+from fhirbridge.media.errors import MediaError
+from fhirbridge.media.photo import check_photo
 from fhirbridge.media.sniff import content_type_matches, sniff_content_type
 
 ACCEPTED_TYPES = ("image/jpeg",)
@@ -92,7 +94,7 @@ def _pydantic_error(exc: ValidationError, resource_type: str) -> FhirError:
                      expression=resource_type)
 
 
-def parse_media(raw: bytes) -> InboundMedia:
+def parse_media(raw: bytes, *, max_pixels: int = 89_478_485, min_side: int = 0) -> InboundMedia:
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -120,6 +122,12 @@ def parse_media(raw: bytes) -> InboundMedia:
         raise FhirError(422, "required", "Media.content.contentType is required (att-1)",
                         expression="Media.content.contentType")
     check_attachment_bytes(data, declared, att.size, att.hash, "Media.content")
+    try:
+        check_photo(data, declared, max_pixels=max_pixels, min_side=min_side)
+    except MediaError as exc:
+        status = 415 if exc.code in ("unsupported-type", "type-mismatch") else 422
+        raise FhirError(status, "invalid", f"{exc.code}: {exc.text}",
+                        expression="Media.content.data") from None
     if media.status not in ("preparation", "in-progress", "not-done", "on-hold", "stopped",
                             "completed", "entered-in-error", "unknown"):
         raise FhirError(400, "code-invalid", "Media.status is not an EventStatus code",

@@ -330,6 +330,25 @@ _PREPARERS: dict[str, _Preparer] = {
 SUPPORTED_TYPES = tuple(_PREPARERS)
 
 
+def check_photo(data: bytes, content_type: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                min_side: int = 0) -> None:
+    """The cheap checks run at intake, before 201 (≈1 ms for 12 MP): the type is one we take,
+    the bytes are of that type, the header's size is within limits, the stream is complete.
+    Decoding and re-encoding happen later, in the worker (prepare_photo)."""
+    kind = normalize_content_type(content_type)
+    if kind not in _PREPARERS:
+        raise MediaError(UNSUPPORTED_TYPE, "media type is not supported for photos; supported: "
+                                           + ", ".join(SUPPORTED_TYPES))
+    if not data:
+        raise MediaError(NOT_DECODABLE, "no image data")
+    if kind == "image/jpeg":
+        if sniff_content_type(data) != "image/jpeg":
+            raise MediaError(TYPE_MISMATCH, "the bytes are not a JPEG image")
+        _check_size(jp.read_headers(data).frame, max_pixels, min_side)
+        jp.inspect_jpeg(data)
+        _decode(data, max_pixels, load=False)
+
+
 def prepare_photo(data: bytes, content_type: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                   min_side: int = 0) -> PreparedPhoto:
     """Check and prepare photo bytes declared as `content_type` for a VL Photographic Image.

@@ -36,6 +36,7 @@ class FhirbridgeService:
 
     def __init__(self, workdir: Path, *, pacs_url: str = "", ehr_url: str = "",
                  wado_rs_url: str = "", database_url: str = "", workers: int = 2,
+                 pacs_options: dict[str, Any] | None = None,
                  extra: str = "", env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.http_port = free_port()
@@ -48,6 +49,7 @@ class FhirbridgeService:
                   "", "[mllp]", 'host = "127.0.0.1"', f"port = {self.mllp_port}",
                   "", "[pacs]", f"url = {toml_value(pacs_url)}" if pacs_url else "",
                   f"wado_rs_url = {toml_value(wado_rs_url)}",
+                  *[f"{k} = {toml_value(v)}" for k, v in (pacs_options or {}).items()],
                   "", "[ehr]", f"fhir_url = {toml_value(ehr_url)}",
                   "", "[pipeline]", f"workers = {workers}", "backoff_base_seconds = 0.2",
                   "poll_seconds = 0.05", ""]
