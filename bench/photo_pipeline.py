@@ -1,0 +1,146 @@
+"""Benchmark: portal photos through fhirbridge into Orthanc over C-STORE, against the pipe's
+limit (DCMTK `storescu -xy` of the same objects) and Orthanc's own `/tools/create-dicom`.
+
+Prints figures; not a test. Usage: .venv/bin/python bench/photo_pipeline.py [--n 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.servers import FhirServer, OrthancServer, require_tools  # noqa: E402
+from tests.support.service import FhirbridgeService  # noqa: E402
+
+MRN_SYSTEM = "urn:oid:2.16.840.1.113883.3.7777"
+
+
+def make_photo(target_bytes: int = 2_000_000) -> bytes:
+    """A 4032×3024 baseline JPEG of about 2 MB (gradients plus blocky texture, like a photo)."""
+    w, h = 4032, 3024
+    grad = Image.merge("RGB", [Image.linear_gradient("L").resize((w, h)),
+                               Image.linear_gradient("L").rotate(90).resize((w, h)),
+                               Image.radial_gradient("L").resize((w, h))])
+    noise = Image.merge("RGB", [Image.effect_noise((w // 6, h // 6), 60 + 10 * i)
+                                .resize((w, h), Image.Resampling.NEAREST) for i in range(3)])
+    im = Image.blend(grad, noise, 0.35)
+    best = b""
+    for q in (60, 70, 80, 85, 90, 95):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=q, subsampling=2)
+        best = buf.getvalue()
+        if len(best) >= target_bytes:
+            break
+    return best
+
+
+def unique(photo: bytes, n: int) -> bytes:
+    note = f"bench-{n}".encode()
+    return photo[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + photo[2:]
+
+
+def media(photo: bytes, patient_id: str) -> bytes:
+    return json.dumps({
+        "resourceType": "Media", "status": "completed",
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "createdDateTime": "2026-11-20T09:15:00+01:00",
+        "content": {"contentType": "image/jpeg", "data": base64.b64encode(photo).decode(),
+                    "size": len(photo),
+                    "hash": base64.b64encode(hashlib.sha1(photo).digest()).decode()},
+    }).encode()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--create-dicom-n", type=int, default=40)
+    args = ap.parse_args()
+    require_tools()
+    photo = make_photo()
+    print(f"photo: 4032x3024 baseline JPEG, {len(photo) / 1e6:.2f} MB; N={args.n}")
+    with tempfile.TemporaryDirectory() as tmp:
+        orthanc = OrthancServer(Path(tmp) / "orthanc")
+        fhir = FhirServer(Path(tmp) / "fhir")
+        svc = None
+        try:
+            r = httpx.post(f"{fhir.base_url}/Patient", json={
+                "resourceType": "Patient", "identifier": [{"system": MRN_SYSTEM,
+                                                           "value": "BENCH1"}],
+                "name": [{"family": "Bench", "given": ["Mark"]}], "birthDate": "1970-01-01",
+                "gender": "female"}, headers={"Content-Type": "application/fhir+json"})
+            patient_id = r.json()["id"]
+            svc = FhirbridgeService(Path(tmp) / "fb", pacs_url=orthanc.dicom_url,
+                                    ehr_url=fhir.base_url, workers=2).start()
+            bodies = [media(unique(photo, i), patient_id) for i in range(args.n)]
+
+            # 1. fhirbridge: first POST to last Task completed
+            client = httpx.Client(base_url=svc.base, timeout=60)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                codes = list(pool.map(lambda b: client.post(
+                    "/fhir/Media", content=b,
+                    headers={"Content-Type": "application/fhir+json"}).status_code, bodies))
+            t_posted = time.perf_counter() - t0
+            assert codes.count(201) == args.n, codes
+            while True:
+                done = client.get("/fhir/Task", params={"status": "completed,failed,on-hold",
+                                                        "_count": args.n}).json()["total"]
+                if done >= args.n:
+                    break
+                time.sleep(0.05)
+            t_fb = time.perf_counter() - t0
+            failed = client.get("/fhir/Task", params={"status": "failed,on-hold"}).json()["total"]
+            rate_fb = args.n / t_fb
+            print(f"fhirbridge  : {rate_fb:6.1f} images/s  ({args.n} in {t_fb:.1f} s; all POSTs "
+                  f"answered 201 after {t_posted:.1f} s; failed/held {failed})")
+
+            # 2. storescu -xy of the objects fhirbridge built (the pipe's limit)
+            files = sorted(str(p) for p in (svc.data_dir / "instances").glob("*.dcm"))
+            orthanc.reset()
+            t0 = time.perf_counter()
+            subprocess.run(["storescu", "-xy", "-aet", "FHIRBRIDGE", "-aec", orthanc.aet,
+                            "127.0.0.1", str(orthanc.dicom_port), *files], check=True)
+            t_scu = time.perf_counter() - t0
+            rate_scu = len(files) / t_scu
+            print(f"storescu -xy: {rate_scu:6.1f} images/s  ({len(files)} in {t_scu:.1f} s)")
+
+            # 3. Orthanc's /tools/create-dicom with the same JPEG
+            orthanc.reset()
+            content = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+            http = httpx.Client(base_url=orthanc.http_url, timeout=120)
+            t0 = time.perf_counter()
+            for i in range(args.create_dicom_n):
+                http.post("/tools/create-dicom", json={
+                    "Tags": {"PatientID": "BENCH1", "PatientName": "Bench^Mark",
+                             "Modality": "XC", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.4"},
+                    "Content": content}).raise_for_status()
+            t_cd = time.perf_counter() - t0
+            rate_cd = args.create_dicom_n / t_cd
+            print(f"create-dicom: {rate_cd:6.1f} images/s  ({args.create_dicom_n} in {t_cd:.1f} s)")
+            print(f"ratios: fhirbridge/storescu = {rate_fb / rate_scu:.2f} (target >= 0.33); "
+                  f"fhirbridge/create-dicom = {rate_fb / rate_cd:.1f} (target >= 10)")
+        finally:
+            if svc is not None:
+                svc.stop()
+            orthanc.stop()
+            fhir.stop()
+
+
+if __name__ == "__main__":
+    main()
