@@ -1,0 +1,58 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.support.servers import FhirServer, OrthancServer, dciodvfy, require_tools
+
+# --- real components on loopback (tests/support/servers.py) ---------------------------------
+# Started once per session, only when a test asks for them; a missing tool fails the test with
+# a message naming scripts/install-test-deps.sh (never a skip).
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """Orthanc (PACS) with DICOMweb: .http_url, .dicom_url, .dicomweb_url, .aet, .dicom_port,
+    .instances(), .patients_ids(), .instance_file(id), .find_instances(uid), .reset()."""
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirServer]:
+    """A FHIR R4 server (the EHR) in memory: .base_url ends in /fhir."""
+    server = FhirServer(tmp_path_factory.mktemp("fhir-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dciodvfy_check(tmp_path: Path) -> Callable[[object], str]:
+    """check(path | pydicom.Dataset | bytes) asserts dciodvfy reports no Error; returns its
+    full output (warnings included) for further assertions."""
+    require_tools()
+    counter = itertools.count()
+
+    def check(obj: str | os.PathLike[str] | pydicom.Dataset | bytes) -> str:
+        if isinstance(obj, pydicom.Dataset):
+            path = tmp_path / f"dciodvfy-{next(counter)}.dcm"
+            pydicom.dcmwrite(path, obj, enforce_file_format=True)
+        elif isinstance(obj, (bytes, bytearray)):
+            path = tmp_path / f"dciodvfy-{next(counter)}.dcm"
+            path.write_bytes(obj)
+        else:
+            path = Path(obj)
+        ok, errors, output = dciodvfy(path)
+        assert ok, f"dciodvfy found {len(errors)} error(s) in {path}:\n" + "\n".join(errors) \
+            + f"\n--- full output ---\n{output}"
+        return output
+
+    return check

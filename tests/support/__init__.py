@@ -1,0 +1,1 @@
+"""Helpers for fhirbridge's tests: real components started on loopback (see servers.py)."""
