@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p_jobs.add_argument("--retry", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Request URLs carry identifiers (Patient?identifier=…): keep client libraries quiet (no PHI)
+    for noisy in ("httpx", "httpcore", "pynetdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if args.command == "dicomize":
         from fhirbridge.dicomize import dicomize

@@ -47,8 +47,8 @@ def study_identifier_token(study_instance_uid: str) -> str:
     return f"urn:dicom:uid|urn:oid:{study_instance_uid}"
 
 
-def imaging_study(instances: list[InstanceSummary], *, subject: str, endpoint_ref: str = "",
-                  resource_id: str = "", note: str = "") -> dict[str, Any]:
+def imaging_study(instances: list[InstanceSummary], *, subject: dict[str, Any],
+                  wado_rs_url: str = "", resource_id: str = "", note: str = "") -> dict[str, Any]:
     """Build one ImagingStudy (status available) from the instances of one study."""
     if not instances:
         raise ValueError("an ImagingStudy needs at least one instance")

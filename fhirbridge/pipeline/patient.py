@@ -37,7 +37,7 @@ class PatientResolver:
 
     def resolve(self, claim: SubjectClaim, self_reported: SelfReported | None) -> Verdict:
         """EhrUnavailable propagates: an unreachable EHR is a retry, not a hold."""
-        ehr_records: list[PatientRecord] = []
+        ehr_records: list[PatientRecord] | None = None  # None: no EHR configured
         if self.ehr is not None:
             resources: list[dict[str, Any]] = []
             if claim.reference:
@@ -57,7 +57,7 @@ class PatientResolver:
     def _follow_ehr_links(self, resources: list[dict[str, Any]]) -> list[PatientRecord]:
         assert self.ehr is not None
         seen: dict[str, PatientRecord] = {}
-        todo = [patient_record_from_fhir(r) for r in resources]
+        todo = [patient_record_from_fhir(r, base_url=self.ehr.base) for r in resources]
         hops = 0
         while todo and hops <= MAX_LINK_HOPS * max(1, len(resources)):
             rec = todo.pop(0)
@@ -68,7 +68,7 @@ class PatientResolver:
                 hops += 1
                 survivor = self.ehr.read_patient(rec.replaced_by)
                 if survivor is not None:
-                    todo.append(patient_record_from_fhir(survivor))
+                    todo.append(patient_record_from_fhir(survivor, base_url=self.ehr.base))
         return list(seen.values())
 
     def _follow_index_links(self, records: list[PatientRecord]) -> list[PatientRecord]:
