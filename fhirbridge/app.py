@@ -156,5 +156,20 @@ def create_app(services: Services, *, workers: int | None = None,
 
 
 async def start_mllp(services: Services) -> Any:
-    """The HL7 v2 ADT listener; wired up with the patient index (identity issue)."""
-    return None
+    """The HL7 v2 ADT listener: each message applied to the patient index in a worker thread,
+    acknowledged AA only after its transaction commits."""
+    from fhirbridge.hl7 import AckDecision, MLLPServer, ParsedMessage
+    from fhirbridge.pipeline.adt_feed import AdtFeed
+
+    feed = AdtFeed(services.db, services.index, services.settings.identifier_domains)
+    loop = asyncio.get_running_loop()
+
+    async def handle(parsed: ParsedMessage) -> AckDecision:
+        return await loop.run_in_executor(None, feed.apply, parsed)
+
+    m = services.settings.mllp
+    server = MLLPServer(handle, max_message_bytes=m.max_message_bytes,
+                        idle_timeout=m.idle_timeout_seconds,
+                        on_ack=lambda code: services.metrics.hl7_messages.labels(ack=code).inc())
+    await server.start(m.host, m.port)
+    return server

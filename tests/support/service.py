@@ -39,6 +39,7 @@ class FhirbridgeService:
                  pacs_options: dict[str, Any] | None = None,
                  extra: str = "", env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
         self.mllp_port = free_port()
         self.data_dir = workdir / "var"

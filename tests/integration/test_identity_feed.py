@@ -1,0 +1,171 @@
+"""Identity through the running service: ADT over MLLP (python-hl7's `mllp_send`, an
+independent client) feeds the index; an A40 merge and an A08 rename after images are stored
+correct them in Orthanc and move the ImagingStudy at the FHIR server."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+
+from tests.integration.test_photo_end_to_end import (
+    MRN_SYSTEM,
+    completed,
+    ehr_search,
+    media_for,
+    sample_media,
+    unique_photo,
+    with_photo,
+)
+from tests.support.service import FhirbridgeService
+
+MLLP_SEND = Path(sys.executable).parent / "mllp_send"
+
+
+def adt(event: str, pid: str, *, mrg: str = "", when: str = "20261121100000",
+        structure: str = "ADT_A01") -> str:
+    control = uuid.uuid4().hex[:20]
+    segs = [f"MSH|^~\\&|ADT|HOSP|FHIRBRIDGE|HOSP|{when}||ADT^{event}^{structure}|{control}|P|2.5.1"
+            "||||||UNICODE UTF-8",
+            f"EVN|{event}|{when}", pid]
+    if mrg:
+        segs.append(mrg)
+    return "\r".join(segs) + "\r"
+
+
+def send(svc: FhirbridgeService, tmp_path: Path, *messages: str) -> str:
+    f = tmp_path / f"{uuid.uuid4().hex}.hl7"
+    f.write_bytes("\n".join(messages).encode())  # mllp_send splits on MSH
+    out = subprocess.run([str(MLLP_SEND), "--loose", "-f", str(f), "-p", str(svc.mllp_port),
+                          "127.0.0.1"], capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr.decode()
+    return out.stdout.decode("utf-8", errors="replace")
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture()
+def service(tmp_path, orthanc, fhir_server):
+    svc = FhirbridgeService(tmp_path / "fb", pacs_url=orthanc.dicom_url,
+                            ehr_url=fhir_server.base_url,
+                            pacs_options={"correction": "orthanc",
+                                          "orthanc_url": orthanc.http_url}).start()
+    yield svc
+    svc.stop()
+
+
+def test_merge_and_rename_after_storage(service, tmp_path, orthanc, fhir_server):
+    ehr = httpx.Client(base_url=fhir_server.base_url, timeout=10,
+                       headers={"Content-Type": "application/fhir+json"})
+    tag = uuid.uuid4().hex[:6].upper()
+    old_mrn, new_mrn = f"OLD{tag}", f"NEW{tag}"
+    old = ehr.post("/Patient", json={"resourceType": "Patient", "identifier": [
+        {"system": MRN_SYSTEM, "value": old_mrn}], "name": [{"family": "O'Brien",
+        "given": ["Siobhán"]}], "birthDate": "1975-05-04", "gender": "female"}).json()
+    new = ehr.post("/Patient", json={"resourceType": "Patient", "identifier": [
+        {"system": MRN_SYSTEM, "value": new_mrn}], "name": [{"family": "O'Brien-Kelly",
+        "given": ["Siobhán"]}], "birthDate": "1975-05-04", "gender": "female"}).json()
+
+    acks = send(service, tmp_path,
+                adt("A04", f"PID|1||{old_mrn}^^^HOSP^MR||O'Brien^Siobhán||19750504|F"),
+                adt("A04", f"PID|1||{new_mrn}^^^HOSP^MR||O'Brien-Kelly^Siobhán||19750504|F"))
+    assert acks.count("MSA|AA") == 2, acks
+
+    studies = []
+    for _ in range(2):
+        _, study = completed(service, service.post_media(media_for(old, unique_photo())))
+        studies.append(study)
+    sops = [s["series"][0]["instance"][0]["uid"] for s in studies]
+    assert old_mrn in orthanc.patients_ids()
+
+    # the EHR merges (PIXm: subsumed inactive, replaced-by survivor), the ADT feed says so
+    old_merged = dict(old, active=False, link=[{"other": {"reference": f"Patient/{new['id']}"},
+                                                "type": "replaced-by"}])
+    assert ehr.put(f"/Patient/{old['id']}", json=old_merged).status_code == 200
+    a40 = adt("A40", f"PID|1||{new_mrn}^^^HOSP^MR||O'Brien-Kelly^Siobhán||19750504|F",
+              mrg=f"MRG|{old_mrn}^^^HOSP^MR", when="20261121110000", structure="ADT_A39")
+    acks = send(service, tmp_path, a40, a40)  # a repeated A40 is acknowledged and applied once
+    assert acks.count("MSA|AA") == 2, acks
+
+    def moved() -> bool:
+        ids = orthanc.patients_ids()
+        return new_mrn in ids and old_mrn not in ids and all(
+            len(orthanc.find_instances(s)) == 1 for s in sops)
+
+    wait_for(moved, what="Orthanc to list the images under the survivor only")
+    for sop in sops:
+        ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(orthanc.find_instances(sop)[0])))
+        assert ds.PatientID == new_mrn and str(ds.PatientName) == "O'Brien-Kelly^Siobhán"
+        original = ds.OriginalAttributesSequence[-1]
+        assert original.ModifiedAttributesSequence[0].PatientID == old_mrn
+        assert original.ReasonForTheAttributeModification == "CORRECT"
+    for study in studies:
+        uid = study["identifier"][0]["value"].removeprefix("urn:oid:")
+        wait_for(lambda: ehr_search(fhir_server, "ImagingStudy?identifier=urn:dicom:uid|"
+                                    f"urn:oid:{uid}")[0]["subject"]["reference"]
+                 == f"Patient/{new['id']}", what="ImagingStudy.subject to move")
+    assert ehr_search(fhir_server, f"ImagingStudy?patient=Patient/{old['id']}") == []
+
+    # A08: the EHR renames the patient; the feed's A08 makes the PACS follow
+    renamed = dict(new, name=[{"family": "Kelly", "given": ["Siobhán"]}])
+    assert ehr.put(f"/Patient/{new['id']}", json=renamed).status_code == 200
+    acks = send(service, tmp_path, adt("A08", f"PID|1||{new_mrn}^^^HOSP^MR||Kelly^Siobhán||"
+                                       "19750504|F", when="20261121120000"))
+    assert "MSA|AA" in acks
+
+    def renamed_in_pacs() -> bool:
+        ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(orthanc.find_instances(sops[0])[0])))
+        return str(ds.PatientName) == "Kelly^Siobhán"
+
+    wait_for(renamed_in_pacs, what="the A08 name change in Orthanc")
+
+
+def test_without_ehr_a_patient_known_from_adt_matches(tmp_path):
+    svc = FhirbridgeService(tmp_path / "fb").start()  # embedded defaults: folder PACS, no EHR
+    try:
+        mrn = f"ADT{uuid.uuid4().hex[:8]}"
+        media = with_photo(sample_media(), unique_photo())
+        media["subject"] = {"identifier": {"system": MRN_SYSTEM, "value": mrn}}
+        r = svc.post_media(media)
+        held = svc.wait_task(f"Media/{r.json()['id']}")
+        assert held["status"] == "on-hold"  # unknown locally: held, not guessed
+        acks = send(svc, tmp_path, adt("A04", f"PID|1||{mrn}^^^HOSP^MR||Müller^José||19840307|M"))
+        assert "MSA|AA" in acks
+        r = svc.post_media(media)
+        task = svc.wait_task(f"Media/{r.json()['id']}")
+        assert task["status"] == "completed", task
+        files = list((svc.data_dir / "dicom").rglob("*.dcm"))
+        ds = pydicom.dcmread(files[0])
+        assert ds.PatientID == mrn and str(ds.PatientName) == "Müller^José"
+        # the held one is in the review queue; a reviewer confirms the index patient
+        queue = svc.client.get("/review").json()
+        assert len(queue) == 1 and queue[0]["reason"] == "no-match"
+        index_ref = svc.client.get("/fhir/ImagingStudy", params={
+            "patient:identifier": f"{MRN_SYSTEM}|{mrn}"}).json()["total"]
+        assert index_ref == 1
+    finally:
+        svc.stop()
+
+
+def test_listener_survives_garbage(service, tmp_path):
+    with socket.create_connection(("127.0.0.1", service.mllp_port), timeout=5) as s:
+        s.sendall(b"\x0b\x00\xff garbage \x1c\r")
+        reply = s.recv(4096)
+        assert b"MSA|AR" in reply
+    acks = send(service, tmp_path, adt("A08", "PID|1||X1^^^HOSP^MR||Doe^Jane||19800101|F"))
+    assert "MSA|AA" in acks
