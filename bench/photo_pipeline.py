@@ -69,6 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--create-dicom-n", type=int, default=40)
     args = ap.parse_args()
     require_tools()
@@ -86,7 +87,7 @@ def main() -> None:
                 "gender": "female"}, headers={"Content-Type": "application/fhir+json"})
             patient_id = r.json()["id"]
             svc = FhirbridgeService(Path(tmp) / "fb", pacs_url=orthanc.dicom_url,
-                                    ehr_url=fhir.base_url, workers=2).start()
+                                    ehr_url=fhir.base_url, workers=args.workers).start()
             bodies = [media(unique(photo, i), patient_id) for i in range(args.n)]
 
             # 1. fhirbridge: first POST to last Task completed
@@ -100,10 +101,10 @@ def main() -> None:
             assert codes.count(201) == args.n, codes
             while True:
                 done = client.get("/fhir/Task", params={"status": "completed,failed,on-hold",
-                                                        "_count": args.n}).json()["total"]
+                                                        "_count": 0}).json()["total"]
                 if done >= args.n:
                     break
-                time.sleep(0.05)
+                time.sleep(0.1)
             t_fb = time.perf_counter() - t0
             failed = client.get("/fhir/Task", params={"status": "failed,on-hold"}).json()["total"]
             rate_fb = args.n / t_fb

@@ -46,7 +46,10 @@ _STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0111}
 
 
 class DimsePacs:
-    """C-STORE SCU; one association per thread, reused across stores until it drops."""
+    """C-STORE SCU; one association shared by the workers (a lock serialises C-STOREs, as one
+    association carries one operation at a time, PS3.7 D.3.3.3), reused until it drops.
+    Each pynetdicom association runs two polling threads, so one is cheaper than one per
+    worker."""
 
     def __init__(self, url: str, *, ae_title: str, max_pdu: int = 131072,
                  timeout: float = 30.0, wado_rs_url: str = "") -> None:
@@ -59,7 +62,8 @@ class DimsePacs:
         self.max_pdu = max_pdu
         self.timeout = timeout
         self._wado = wado_rs_url.rstrip("/")
-        self._local = threading.local()
+        self._shared = _Shared()
+        self._lock = threading.RLock()
 
     @property
     def wado_rs_url(self) -> str:
@@ -73,8 +77,8 @@ class DimsePacs:
         return ae
 
     def _association(self, contexts: set[tuple[str, str]]) -> Association:
-        assoc: Association | None = getattr(self._local, "assoc", None)
-        have: set[tuple[str, str]] = getattr(self._local, "contexts", set())
+        assoc: Association | None = getattr(self._shared, "assoc", None)
+        have: set[tuple[str, str]] = getattr(self._shared, "contexts", set())
         if assoc is not None and assoc.is_established and contexts <= have:
             return assoc
         if assoc is not None and assoc.is_established:
@@ -82,12 +86,16 @@ class DimsePacs:
         want = contexts | have  # keep earlier contexts so mixed batches reuse one association
         assoc = self._ae(want).associate(self.host, self.port, ae_title=self.called_aet)
         if not assoc.is_established:
-            self._local.assoc = None
+            self._shared.assoc = None
             raise PacsError("PACS refused or did not answer the association request")
-        self._local.assoc, self._local.contexts = assoc, want
+        self._shared.assoc, self._shared.contexts = assoc, want
         return assoc
 
     def store(self, datasets: list[Dataset]) -> None:
+        with self._lock:
+            self._store(datasets)
+
+    def _store(self, datasets: list[Dataset]) -> None:
         # Propose each object's own transfer syntax (PS3.8 9.3.2.2): no transcoding.
         contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
         for attempt in (1, 2):
@@ -108,14 +116,14 @@ class DimsePacs:
                     raise PacsError(f"C-STORE failed: {type(exc).__name__}") from exc
 
     def _drop(self) -> None:
-        assoc = getattr(self._local, "assoc", None)
+        assoc = getattr(self._shared, "assoc", None)
         if assoc is not None:
             try:
                 assoc.abort()
             except Exception:
                 pass
-        self._local.assoc = None
-        self._local.contexts = set()
+        self._shared.assoc = None
+        self._shared.contexts = set()
 
     def replace(self, corrected: list[tuple[str, Dataset]]) -> None:
         """Re-send under the same SOP Instance UIDs (for PACSs keyed on the UID)."""
@@ -135,10 +143,18 @@ class DimsePacs:
             assoc.release()
 
     def close(self) -> None:
-        assoc = getattr(self._local, "assoc", None)
-        if assoc is not None and assoc.is_established:
-            assoc.release()
-        self._local.assoc = None
+        with self._lock:
+            assoc = getattr(self._shared, "assoc", None)
+            if assoc is not None and assoc.is_established:
+                assoc.release()
+            self._shared.assoc = None
+
+
+class _Shared:
+    """The association state shared by all worker threads (guarded by DimsePacs._lock)."""
+
+    assoc: Association | None = None
+    contexts: set[tuple[str, str]] = set()
 
 
 class StowRsPacs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from fhirbridge.api.deps import services_of
 from fhirbridge.api.responses import fhir_response
@@ -27,12 +27,14 @@ def read_task(task_id: str, request: Request) -> Response:
 @router.get("/fhir/Task")
 def search_task(request: Request, focus: str | None = None, status: str | None = None,
                 _count: int = 100) -> Response:
-    q = select(Task).order_by(Task.authored_on.desc()).limit(max(1, min(_count, 1000)))
+    where = []
     if focus:
-        focus = focus.split("/fhir/")[-1]
-        q = q.where(Task.focus == focus)
+        where.append(Task.focus == focus.split("/fhir/")[-1])
     if status:
-        q = q.where(Task.status.in_(status.split(",")))
+        where.append(Task.status.in_(status.split(",")))
+    q = select(Task).where(*where).order_by(Task.authored_on.desc())
     with services_of(request).db.session() as s:
-        tasks = list(s.scalars(q))
-    return fhir_response(searchset([task_resource(t) for t in tasks], str(request.url)))
+        total = s.scalar(select(func.count()).select_from(Task).where(*where)) or 0
+        tasks = list(s.scalars(q.limit(max(0, min(_count, 1000)))))
+    return fhir_response(searchset([task_resource(t) for t in tasks], str(request.url),
+                                   total=total))

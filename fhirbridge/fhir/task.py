@@ -48,11 +48,13 @@ def _instant(dt: datetime | None) -> str:
     return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def searchset(resources: list[dict[str, Any]], self_url: str) -> dict[str, Any]:
+def searchset(resources: list[dict[str, Any]], self_url: str,
+              total: int | None = None) -> dict[str, Any]:
+    """FHIR R4 searchset Bundle; `total` is the number of matches (entries may be fewer)."""
     return {
         "resourceType": "Bundle",
         "type": "searchset",
-        "total": len(resources),
+        "total": len(resources) if total is None else total,
         "link": [{"relation": "self", "url": self_url}],
         "entry": [{"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r,
                    "search": {"mode": "match"}} for r in resources],
