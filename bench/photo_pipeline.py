@@ -69,7 +69,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=4, help="worker threads in `serve`")
+    ap.add_argument("--worker-processes", type=int, default=0,
+                    help="extra `fhirbridge worker` processes on the same database")
     ap.add_argument("--create-dicom-n", type=int, default=40)
     args = ap.parse_args()
     require_tools()
@@ -88,6 +90,10 @@ def main() -> None:
             patient_id = r.json()["id"]
             svc = FhirbridgeService(Path(tmp) / "fb", pacs_url=orthanc.dicom_url,
                                     ehr_url=fhir.base_url, workers=args.workers).start()
+            extra = [subprocess.Popen([str(ROOT / ".venv/bin/fhirbridge"), "worker", "--config",
+                                       str(svc.config)], cwd=svc.workdir,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for _ in range(args.worker_processes)]
             bodies = [media(unique(photo, i), patient_id) for i in range(args.n)]
 
             # 1. fhirbridge: first POST to last Task completed
@@ -137,6 +143,9 @@ def main() -> None:
             print(f"ratios: fhirbridge/storescu = {rate_fb / rate_scu:.2f} (target >= 0.33); "
                   f"fhirbridge/create-dicom = {rate_fb / rate_cd:.1f} (target >= 10)")
         finally:
+            for proc in locals().get("extra", []):
+                proc.terminate()
+                proc.wait()
             if svc is not None:
                 svc.stop()
             orthanc.stop()
