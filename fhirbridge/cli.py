@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import threading
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:

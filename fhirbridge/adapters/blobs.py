@@ -23,14 +23,7 @@ class BlobStore:
         path = self.root / rel
         if path.exists() and path.stat().st_size == len(data):
             return rel, digest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{digest}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_durably(path, data)
         return rel, digest
 
     def get(self, rel: str) -> bytes:
@@ -38,6 +31,19 @@ class BlobStore:
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename over `path`, fsync the directory: readers see
+    the old file or the whole new one, and the new one survives a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -20,6 +20,7 @@ from pydicom import Dataset, dcmread
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 
+from fhirbridge.adapters.blobs import write_durably
 from fhirbridge.dicom.io import write_dataset
 
 
@@ -243,13 +244,8 @@ class FolderPacs:
 
     def store(self, datasets: list[Dataset]) -> None:
         for ds in datasets:
-            path = self.path_for(ds)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-            tmp.write_bytes(write_dataset(ds))
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)  # a retry overwrites: same UID, same object
+            # a retry overwrites: same UID, same object
+            write_durably(self.path_for(ds), write_dataset(ds))
 
     def replace(self, corrected: list[tuple[str, Dataset]]) -> None:
         self.store([ds for _, ds in corrected])  # same path: the file is replaced

@@ -21,7 +21,8 @@ from fhirbridge.dicom.correct import correct_patient, differs
 from fhirbridge.dicom.io import write_dataset
 from fhirbridge.identity.model import Identifier, SubjectClaim
 from fhirbridge.identity.policy import Held
-from fhirbridge.pipeline.process import Permanent, Pipeline, _write_atomic
+from fhirbridge.adapters.blobs import write_durably
+from fhirbridge.pipeline.process import Permanent, Pipeline
 from fhirbridge.pipeline.queue import ClaimedJob
 from fhirbridge.store.models import StoredInstance
 
@@ -58,7 +59,7 @@ def reconcile(pipeline: Pipeline, job: ClaimedJob) -> str:
             fixed = correct_patient(ds, demographics, reason=reason,
                                     source="EHR / ADT patient identity feed")
             path = Path(row.file_path)
-            _write_atomic(path.with_suffix(".new"), write_dataset(fixed))
+            write_durably(path.with_suffix(".new"), write_dataset(fixed))
             corrected.append((row, str(ds.get("PatientID", "")), fixed, path))
     if corrected:
         pipeline.pacs.replace([(old_pid, fixed) for _, old_pid, fixed, _ in corrected])

@@ -6,6 +6,7 @@ IHE PDQm ITI-78 identifier search; PIXm / FHIR merges: follow Patient.link `repl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from fhirbridge.adapters.ehr import FhirEhr
@@ -55,38 +56,39 @@ class PatientResolver:
         return decide(claim, self_reported, ehr_records, index_records, self.policy)
 
     def _follow_ehr_links(self, resources: list[dict[str, Any]]) -> list[PatientRecord]:
-        assert self.ehr is not None
-        seen: dict[str, PatientRecord] = {}
-        todo = [patient_record_from_fhir(r, base_url=self.ehr.base) for r in resources]
-        hops = 0
-        while todo and hops <= MAX_LINK_HOPS * max(1, len(resources)):
-            rec = todo.pop(0)
-            if rec.ref in seen:
-                continue
-            seen[rec.ref] = rec
-            if rec.replaced_by and rec.replaced_by not in seen:
-                hops += 1
-                survivor = self.ehr.read_patient(rec.replaced_by)
-                if survivor is not None:
-                    todo.append(patient_record_from_fhir(survivor, base_url=self.ehr.base))
-        return list(seen.values())
+        ehr = self.ehr
+        assert ehr is not None
+
+        def fetch(ref: str) -> PatientRecord | None:
+            found = ehr.read_patient(ref)
+            return patient_record_from_fhir(found, base_url=ehr.base) if found else None
+
+        return _follow_links([patient_record_from_fhir(r, base_url=ehr.base)
+                              for r in resources], fetch)
 
     def _follow_index_links(self, records: list[PatientRecord]) -> list[PatientRecord]:
         assert self.index is not None
-        seen: dict[str, PatientRecord] = {}
-        todo = list(records)
-        hops = 0
-        while todo and hops <= MAX_LINK_HOPS * max(1, len(records)):
-            rec = todo.pop(0)
-            if rec.ref in seen:
-                continue
-            seen[rec.ref] = rec
-            if rec.replaced_by and rec.replaced_by not in seen:
-                hops += 1
-                survivor = self.index.get(rec.replaced_by)
-                if survivor is not None:
-                    todo.append(survivor)
-        return list(seen.values())
+        return _follow_links(records, self.index.get)
+
+
+def _follow_links(records: list[PatientRecord],
+                  fetch: Callable[[str], PatientRecord | None]) -> list[PatientRecord]:
+    """The records plus every survivor reached through `replaced_by` (bounded; the policy
+    judges chains and cycles)."""
+    seen: dict[str, PatientRecord] = {}
+    todo = list(records)
+    hops = 0
+    while todo and hops <= MAX_LINK_HOPS * max(1, len(records)):
+        rec = todo.pop(0)
+        if rec.ref in seen:
+            continue
+        seen[rec.ref] = rec
+        if rec.replaced_by and rec.replaced_by not in seen:
+            hops += 1
+            survivor = fetch(rec.replaced_by)
+            if survivor is not None:
+                todo.append(survivor)
+    return list(seen.values())
 
 
 def identifier_in_domains(record: PatientRecord, systems: list[str]) -> Identifier | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, Callable
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
-from fhirbridge.adapters.blobs import BlobStore
+from fhirbridge.adapters.blobs import BlobStore, write_durably
 from fhirbridge.adapters.ehr import EhrRefused, EhrUnavailable, FhirEhr
 from fhirbridge.adapters.pacs import Pacs, PacsError
 from fhirbridge.config import IdentifierDomain
@@ -161,7 +160,7 @@ class Pipeline:
         ctx = self.study_context(key, desc, sub.received_at)
         ds = build_vl_photographic(photo, demographics, ctx, now=_aware(sub.received_at))
         path = self.options.instances_dir / f"{ctx.sop_instance_uid}.dcm"
-        _write_atomic(path, write_dataset(ds))
+        write_durably(path, write_dataset(ds))
 
         # 4. PACS
         self.pacs.store([ds])
@@ -372,15 +371,6 @@ def summary_from_file(path: Path) -> InstanceSummary:
 
 def _aware(dt: datetime) -> datetime:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 __all__ = ["Permanent", "Pipeline", "PipelineOptions", "summary_from_file", "utcnow"]
