@@ -90,8 +90,9 @@ class Pipeline:
         try:
             self.handlers[job.kind](job)
         except Permanent as exc:
-            self.queue.fail(job, f"{exc.code}: {exc.text}", retryable=False)
-            self._set_task_for(job, "failed", exc.code, exc.text)
+            # 'lost': our lease expired and another worker owns the job now; it reports.
+            if self.queue.fail(job, f"{exc.code}: {exc.text}", retryable=False) != "lost":
+                self._set_task_for(job, "failed", exc.code, exc.text)
         except (EhrUnavailable, PacsError, OSError) as exc:
             retryable = getattr(exc, "retryable", True)
             state = self.queue.fail(job, f"{type(exc).__name__}: {exc}", retryable=retryable)

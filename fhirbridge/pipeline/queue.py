@@ -78,32 +78,40 @@ class JobQueue:
         return ClaimedJob(row.id, row.kind, row.subject_id, json.loads(row.payload_json),
                           row.attempts)
 
+    @staticmethod
+    def _still_ours(job: ClaimedJob):  # type: ignore[no-untyped-def]
+        """This claim still holds the job: `attempts` grows with every claim, so a worker whose
+        lease expired and whose job was claimed again no longer matches (fencing token)."""
+        return (Job.id == job.id) & (Job.state == "running") & (Job.attempts == job.attempts)
+
     def complete(self, session: Session, job: ClaimedJob, state: str = "done") -> None:
-        """Mark done (or held) inside the transaction that records the step's result."""
+        """Mark done (or held) inside the transaction that records the step's result.
+        A no-op when the lease was lost to another worker (it finishes the job)."""
         session.execute(
-            update(Job).where(Job.id == job.id)
+            update(Job).where(self._still_ours(job))
             .values(state=state, lease_owner="", lease_expires_at=None, last_error="")
         )
 
     def fail(self, job: ClaimedJob, error: str, *, retryable: bool = True) -> str:
-        """Schedule a retry with exponential back-off and jitter, or give up: 'failed'."""
+        """Schedule a retry with exponential back-off and jitter, or give up: 'failed'.
+        'lost' when the lease expired and another worker claimed the job (nothing changed)."""
         with self.db.transaction() as s:
             if retryable and job.attempts < self.max_attempts:
                 delay = min(self.backoff_max, self.backoff_base * 2 ** (job.attempts - 1))
                 delay *= random.uniform(0.8, 1.2)
-                s.execute(
-                    update(Job).where(Job.id == job.id)
+                res = s.execute(
+                    update(Job).where(self._still_ours(job))
                     .values(state="queued", lease_owner="", lease_expires_at=None,
                             last_error=error[:2000],
                             next_attempt_at=utcnow() + timedelta(seconds=delay))
                 )
-                return "queued"
-            s.execute(
-                update(Job).where(Job.id == job.id)
+                return "queued" if res.rowcount else "lost"
+            res = s.execute(
+                update(Job).where(self._still_ours(job))
                 .values(state="failed", lease_owner="", lease_expires_at=None,
                         last_error=error[:2000])
             )
-            return "failed"
+            return "failed" if res.rowcount else "lost"
 
     def list_failed(self) -> list[Job]:
         with self.db.session() as s:
