@@ -13,6 +13,11 @@ TOO_MANY_PIXELS = "too-many-pixels"
 TOO_SMALL = "too-small"
 UNSUPPORTED_TYPE = "unsupported-type"
 TYPE_MISMATCH = "type-mismatch"
+UNIFORM = "uniform-image"  # blank or a single colour: nothing to see
+TOO_LARGE = "too-large"  # bytes over the configured limit
+TOO_LONG = "too-long"  # video duration over the configured limit
+UNSUPPORTED_CODEC = "unsupported-codec"  # a container we take holding a codec we do not
+DUPLICATE = "duplicate"  # the same content is already stored for this patient
 
 
 class MediaError(Exception):
