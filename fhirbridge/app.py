@@ -23,6 +23,7 @@ from fhirbridge.adapters.ehr import FhirEhr
 from fhirbridge.adapters.pacs import Pacs, open_pacs
 from fhirbridge.config import Settings
 from fhirbridge.pipeline.corrections import RECONCILE_JOB, reconcile
+from fhirbridge.pipeline.intake import IntakeContext, StagedBlob
 from fhirbridge.pipeline.patient import PatientResolver
 from fhirbridge.pipeline.process import Pipeline, PipelineOptions
 from fhirbridge.pipeline.queue import JobQueue
@@ -59,11 +60,40 @@ class Services:
         """CPU or blocking work off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args))
 
+    def intake_context(self) -> IntakeContext:
+        """What intake needs for one request (bundle_blobs is per request)."""
+        return IntakeContext(blobs=self.blobs, limits=self.settings.media.limits(),
+                             local_binary=self.local_binary, url_allowed=self.url_allowed,
+                             probe_video=probe_video_or_none(), own_base=self.settings.fhir_base_url)
+
+    def local_binary(self, binary_id: str) -> StagedBlob | None:
+        try:
+            from fhirbridge.store.models import BinaryRecord  # type: ignore[attr-defined]
+        except ImportError:
+            return None
+        with self.db.session() as s:
+            rec = s.get(BinaryRecord, binary_id)
+        if rec is None:
+            return None
+        return StagedBlob(rec.blob_path, rec.sha256, rec.size, rec.content_type)
+
+    def url_allowed(self, url: str) -> bool:
+        fetcher = self.pipeline.fetcher
+        return bool(fetcher is not None and fetcher.is_allowed(url))
+
     def close(self) -> None:
         self.pacs.close()
         if self.ehr is not None:
             self.ehr.close()
         self.db.dispose()
+
+
+def probe_video_or_none() -> Callable[[Any], Any] | None:
+    try:
+        from fhirbridge.media.video import probe_video
+    except ImportError:
+        return None
+    return probe_video
 
 
 def build_services(settings: Settings) -> Services:
@@ -89,8 +119,7 @@ def build_services(settings: Settings) -> Services:
         domains=settings.identifier_domains,
         instances_dir=settings.data_dir / "instances",
         wado_rs_url=wado,
-        max_pixels=settings.media.max_pixels,
-        min_side=settings.media.min_side,
+        limits=settings.media.limits(),
     ))
     pipeline.handlers[RECONCILE_JOB] = partial(reconcile, pipeline)
     return Services(settings, db, queue, blobs, pacs, ehr, pipeline, index)
@@ -124,7 +153,7 @@ class Workers:
 
 def create_app(services: Services, *, workers: int | None = None,
                mllp: bool | None = None) -> FastAPI:
-    from fhirbridge.api import imagingstudy, media, ops, review, task
+    from fhirbridge.api import imagingstudy, ops, review, task, uploads
     from fhirbridge.api.limits import BodySizeLimit
     from fhirbridge.api.responses import install_error_handlers
 
@@ -149,7 +178,7 @@ def create_app(services: Services, *, workers: int | None = None,
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.services = services
     install_error_handlers(app)
-    for module in (media, task, imagingstudy, review, ops):
+    for module in (uploads, task, imagingstudy, review, ops):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.http.max_body_bytes)
     return app

@@ -46,6 +46,9 @@ class EhrSettings(BaseModel):
     fhir_url: str = ""  # the EHR's FHIR R4 base; empty = no EHR
     bearer_token: str = ""
     timeout_seconds: float = 15.0
+    # absolute attachment URLs fhirbridge may fetch (scheme://host[:port]/path-prefix); the
+    # EHR base (fhir_url) is always allowed
+    attachment_url_allowlist: list[str] = Field(default_factory=list)
 
 
 class IdentifierDomain(BaseModel):
@@ -69,6 +72,19 @@ class PipelineSettings(BaseModel):
 class MediaSettings(BaseModel):
     max_pixels: int = 89_478_485  # Pillow's MAX_IMAGE_PIXELS; above is a hard reject
     min_side: int = 0  # minimum of width and height; 0 = no minimum
+    uniform_stddev: float = 2.0  # luminance std-dev below this = blank/uniform; 0 = no check
+    max_pdf_bytes: int = 64 * 1024 * 1024
+    max_video_bytes: int = 512 * 1024 * 1024
+    max_video_seconds: float = 600.0
+    max_binary_bytes: int = 2 * 1024 * 1024 * 1024  # POST /fhir/Binary raw body; over: 413
+
+    def limits(self):  # type: ignore[no-untyped-def]
+        from fhirbridge.media.kinds import MediaLimits
+
+        return MediaLimits(max_pixels=self.max_pixels, min_side=self.min_side,
+                           uniform_stddev=self.uniform_stddev, max_pdf_bytes=self.max_pdf_bytes,
+                           max_video_bytes=self.max_video_bytes,
+                           max_video_seconds=self.max_video_seconds)
 
 
 DEFAULT_DOMAIN = IdentifierDomain(

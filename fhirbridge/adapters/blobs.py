@@ -1,14 +1,29 @@
 """Staged upload bytes on local disk, content-addressed (SHA-256), written durably.
 
 A file is fsynced (and its directory) before the database row that names it commits.
+Large bodies are streamed (`put_stream`, `put_iter`): hashed while written to a temporary file
+in the store, never held whole in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import uuid
+from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
+
+_TMP_PREFIX = ".upload-"
+_BATCH_BYTES = 1024 * 1024  # put_stream hands writes to a thread in batches of about this size
+
+
+class BlobTooLarge(Exception):
+    """A streamed body went over `max_bytes`; nothing was kept."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"body exceeds {max_bytes} bytes")
+        self.max_bytes = max_bytes
 
 
 class BlobStore:
@@ -19,18 +34,118 @@ class BlobStore:
     def put(self, data: bytes) -> tuple[str, str]:
         """Store bytes; returns (relative path, sha256 hex). Idempotent for equal bytes."""
         digest = hashlib.sha256(data).hexdigest()
-        rel = f"{digest[:2]}/{digest}"
+        rel = _rel(digest)
         path = self.root / rel
         if path.exists() and path.stat().st_size == len(data):
             return rel, digest
         write_durably(path, data)
         return rel, digest
 
+    async def put_stream(self, chunks: AsyncIterable[bytes] | Iterable[bytes], *,
+                         max_bytes: int) -> tuple[str, str, int]:
+        """Store a stream of chunks; returns (relative path, sha256 hex, size).
+
+        The bytes go to a temporary file in the store while hashed; file writes and fsyncs run
+        in a worker thread (batched, about 1 MiB at a time), so the event loop is not blocked
+        and at most one batch is in memory. Over `max_bytes` → `BlobTooLarge`; on that or any
+        other error (the client went away, the disk is full) the temporary file is removed.
+        """
+        writer = _Writer(self.root, max_bytes)
+        batch: list[bytes] = []
+        pending = 0
+        try:
+            if isinstance(chunks, AsyncIterable):
+                async for chunk in chunks:
+                    writer.count(len(chunk))
+                    if chunk:
+                        batch.append(chunk)
+                        pending += len(chunk)
+                    if pending >= _BATCH_BYTES:
+                        await asyncio.to_thread(writer.write_all, batch)
+                        batch, pending = [], 0
+            else:
+                for chunk in chunks:
+                    writer.count(len(chunk))
+                    if chunk:
+                        batch.append(chunk)
+                        pending += len(chunk)
+                    if pending >= _BATCH_BYTES:
+                        await asyncio.to_thread(writer.write_all, batch)
+                        batch, pending = [], 0
+            if batch:
+                await asyncio.to_thread(writer.write_all, batch)
+            batch = []
+            return await asyncio.to_thread(writer.commit)
+        finally:
+            # also on cancellation (client disconnect) and on errors raised by the iterator
+            writer.discard()
+
+    def put_iter(self, chunks: Iterable[bytes], *, max_bytes: int) -> tuple[str, str, int]:
+        """`put_stream` for blocking code (worker threads): same result, same guarantees."""
+        writer = _Writer(self.root, max_bytes)
+        try:
+            for chunk in chunks:
+                writer.count(len(chunk))
+                writer.write_all((chunk,))
+            return writer.commit()
+        finally:
+            writer.discard()
+
     def get(self, rel: str) -> bytes:
         return (self.root / rel).read_bytes()
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+
+class _Writer:
+    """One temporary file in the store root, hashed as written, renamed into place on commit."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.size = 0  # counted as chunks arrive (before the thread writes them)
+        self.hash = hashlib.sha256()
+        self.tmp: Path | None = root / f"{_TMP_PREFIX}{uuid.uuid4().hex}.tmp"
+        self.fh = open(self.tmp, "xb")  # noqa: SIM115 - closed in commit/discard
+
+    def count(self, n: int) -> None:
+        self.size += n
+        if self.size > self.max_bytes:
+            raise BlobTooLarge(self.max_bytes)
+
+    def write_all(self, chunks: Iterable[bytes]) -> None:
+        for chunk in chunks:
+            self.hash.update(chunk)
+            self.fh.write(chunk)
+
+    def commit(self) -> tuple[str, str, int]:
+        assert self.tmp is not None
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        digest = self.hash.hexdigest()
+        rel = _rel(digest)
+        path = self.root / rel
+        new_dir = not path.parent.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.tmp, path)  # equal bytes already there: same content, same name
+        self.tmp = None
+        _fsync_dir(path.parent)
+        if new_dir:
+            _fsync_dir(self.root)  # the new fan-out directory's entry
+        return rel, digest, self.size
+
+    def discard(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+
+def _rel(digest: str) -> str:
+    return f"{digest[:2]}/{digest}"
 
 
 def write_durably(path: Path, data: bytes) -> None:

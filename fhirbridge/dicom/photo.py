@@ -1,7 +1,8 @@
 """A VL Photographic Image (PS3.3 A.32.4) from a prepared JPEG, the EHR's patient and the
 submission's context. No decoding: the JPEG goes into encapsulated Pixel Data as it is.
 
-Modules written: Patient, General Study, General Series, General Equipment, General Image,
+Modules written: Patient, General Study, General Series, General Equipment (these four and
+SOP Common come from modules.py, shared with the PDF and video builders), General Image,
 Image Pixel, Acquisition Context (empty), VL Image, ICC Profile (when the photo has one),
 VL Photographic Acquisition (exposure time, f-number, focal length from EXIF), SOP Common
 (with a Contributing Equipment item naming us and the source). Nothing of EXIF goes in beyond
@@ -14,95 +15,26 @@ written in that offset, as PS3.3 C.12.1.1.8 requires.
 
 from __future__ import annotations
 
-import re
 import struct
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timezone
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGBaseline8Bit
 
-from fhirbridge.dicom.context import CodedConcept, PatientDemographics, StudyContext
-from fhirbridge.dicom.uids import IMPLEMENTATION_CLASS_UID
+from fhirbridge.dicom.context import PatientDemographics, StudyContext
+from fhirbridge.dicom.modules import (
+    IMPLEMENTATION_VERSION_NAME, SOFTWARE_VERSION, _ds, _dt, _lt, add_anatomy,
+    add_content_datetime, add_contributing_equipment, add_general_equipment,
+    add_general_series, add_general_study, add_patient, add_sop_common, new_dataset,
+    object_zone,
+)
 from fhirbridge.media.photo import PreparedPhoto
 
 __all__ = ["VL_PHOTOGRAPHIC_IMAGE_STORAGE", "IMPLEMENTATION_VERSION_NAME", "SOFTWARE_VERSION",
            "build_vl_photographic"]
 
 VL_PHOTOGRAPHIC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.4"
-IMPLEMENTATION_VERSION_NAME = "fhirbridge 0.1"
-SOFTWARE_VERSION = "fhirbridge 0.1"
-_LATERALITY = frozenset({"L", "R", "B", "U"})
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
-_LT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
-
-
-# -- value helpers ---------------------------------------------------------------------------
-
-def _lo(value: str, limit: int = 64) -> str:
-    """A single-line text value (LO, SH, ...): no control characters or backslashes."""
-    return " ".join(_CONTROL.sub(" ", value or "").split())[:limit].rstrip()
-
-
-def _lt(value: str, limit: int = 10240) -> str:
-    return _LT_CONTROL.sub(" ", value or "")[:limit].rstrip()
-
-
-def _identifier(value: str, limit: int, what: str) -> str:
-    value = (value or "").strip()
-    if len(value) > limit or _CONTROL.search(value):
-        raise ValueError(f"{what} is not a valid DICOM value (at most {limit} characters, "
-                         "no backslash or control characters)")
-    return value
-
-
-def _da(dt: datetime) -> str:
-    return dt.strftime("%Y%m%d")
-
-
-def _tm(dt: datetime) -> str:
-    return dt.strftime("%H%M%S.%f" if dt.microsecond else "%H%M%S")
-
-
-def _offset(tz_value: timedelta) -> str:
-    minutes = int(tz_value.total_seconds() // 60)
-    sign = "-" if minutes < 0 else "+"
-    minutes = abs(minutes)
-    return f"{sign}{minutes // 60:02d}{minutes % 60:02d}"
-
-
-def _dt(dt: datetime) -> str:
-    """DT value, with its own offset when aware (then independent of the global offset)."""
-    text = dt.strftime("%Y%m%d%H%M%S") + (f".{dt.microsecond:06d}" if dt.microsecond else "")
-    off = dt.utcoffset()
-    return text + (_offset(off) if off is not None else "")
-
-
-def _in_zone(dt: datetime, zone: tzinfo | None) -> datetime:
-    if zone is not None and dt.tzinfo is not None:
-        return dt.astimezone(zone)
-    return dt
-
-
-def _ds(value: float) -> str:
-    """A DS string of at most 16 characters."""
-    for digits in (6, 5, 4, 3, 2, 1, 0):
-        text = f"{value:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{value:.0f}"
-        if len(text) <= 16:
-            return text
-    return f"{value:.6g}"[:16]
-
-
-def _code_item(code: CodedConcept) -> Dataset:
-    item = Dataset()
-    value = (code.code or "").strip()
-    if len(value) > 16:  # PS3.3 8.8: longer codes go in Long Code Value (UC)
-        item.LongCodeValue = value
-    else:
-        item.CodeValue = value
-    item.CodingSchemeDesignator = _lo(code.scheme or "SCT", 16)
-    item.CodeMeaning = _lo(code.meaning or value)
-    return item
 
 
 def _encapsulate(frame: bytes) -> bytes:
@@ -123,64 +55,20 @@ def build_vl_photographic(photo: PreparedPhoto, patient: PatientDemographics,
     when an identifier does not fit its DICOM value representation or ImageLaterality is not
     one of L, R, B, U."""
     now = now or datetime.now(timezone.utc).astimezone()
-    content = ctx.content_datetime
-    study = ctx.study_datetime or content
-    zone: tzinfo | None = None
-    for candidate in (content, study):
-        if candidate is not None and candidate.utcoffset() is not None:
-            zone = timezone(candidate.utcoffset())
-            break
+    zone = object_zone(ctx)
+    ds = new_dataset(VL_PHOTOGRAPHIC_IMAGE_STORAGE, ctx, JPEGBaseline8Bit)
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = VL_PHOTOGRAPHIC_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = ctx.sop_instance_uid
-    meta.TransferSyntaxUID = JPEGBaseline8Bit
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 192"
-
-    # General Image (ImageType first: it is (0008,0008)); SOP Common
+    # General Image; SOP Common; General Study; General Series (modules.py)
     ds.ImageType = ["DERIVED" if photo.derived else "ORIGINAL", "PRIMARY"]
-    created = _in_zone(now, zone)
-    ds.InstanceCreationDate = _da(created)
-    ds.InstanceCreationTime = _tm(created)
-    ds.SOPClassUID = VL_PHOTOGRAPHIC_IMAGE_STORAGE
-    ds.SOPInstanceUID = ctx.sop_instance_uid
-    ds.InstanceOriginStatus = "IMPORTED"  # made outside the organisation (IHE IRWF.b)
-    if zone is not None:
-        ds.TimezoneOffsetFromUTC = _offset(zone.utcoffset(None))
-
-    # General Study
-    ds.StudyInstanceUID = ctx.study_instance_uid
-    if study is not None:
-        s = _in_zone(study, zone)
-        ds.StudyDate, ds.StudyTime = _da(s), _tm(s)
-    else:
-        ds.StudyDate, ds.StudyTime = "", ""
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = _lo(ctx.study_id, 16)
-    ds.AccessionNumber = _identifier(ctx.accession_number, 16, "AccessionNumber")
-    if ctx.study_description:
-        ds.StudyDescription = _lo(ctx.study_description)
-
-    # General Series
-    ds.Modality = "XC"
-    ds.SeriesInstanceUID = ctx.series_instance_uid
-    ds.SeriesNumber = ctx.series_number
-    if ctx.series_description:
-        ds.SeriesDescription = _lo(ctx.series_description)
+    add_sop_common(ds, VL_PHOTOGRAPHIC_IMAGE_STORAGE, ctx, now=now, zone=zone)
+    add_general_study(ds, ctx, zone=zone)
+    add_general_series(ds, ctx, "XC")
 
     # General Image / VL Image
     ds.InstanceNumber = ctx.instance_number
     ds.PatientOrientation = ""
-    if content is not None:
-        c = _in_zone(content, zone)
-        ds.ContentDate, ds.ContentTime = _da(c), _tm(c)
-        ds.SeriesDate, ds.SeriesTime = _da(c), _tm(c)
-    acquired = photo.exif.datetime_original or content
+    add_content_datetime(ds, ctx, zone=zone)
+    acquired = photo.exif.datetime_original or ctx.content_datetime
     if acquired is not None:
         ds.AcquisitionDateTime = _dt(acquired)
     if photo.derived and photo.derivation_description:
@@ -203,41 +91,10 @@ def build_vl_photographic(photo: PreparedPhoto, patient: PatientDemographics,
         make, model = ctx.manufacturer, ctx.manufacturer_model_name
     else:
         make, model = photo.exif.make, photo.exif.model
-    ds.Manufacturer = _lo(make)
-    model = _lo(model)
-    if model:
-        ds.ManufacturerModelName = model
+    add_general_equipment(ds, make, model)
 
-    # Patient
-    ds.PatientName = patient.dicom_name
-    ds.PatientID = _identifier(patient.patient_id, 64, "PatientID")
-    ds.IssuerOfPatientID = _identifier(patient.issuer_of_patient_id, 64, "IssuerOfPatientID")
-    ds.PatientBirthDate = patient.birth_date or ""
-    ds.PatientSex = patient.sex or ""
-    if patient.other_ids:
-        items = []
-        for value, issuer in patient.other_ids:
-            item = Dataset()
-            item.PatientID = _identifier(value, 64, "other PatientID")
-            if issuer:
-                item.IssuerOfPatientID = _identifier(issuer, 64, "other IssuerOfPatientID")
-            item.TypeOfPatientID = "TEXT"
-            items.append(item)
-        ds.OtherPatientIDsSequence = Sequence(items)
-
-    # Anatomy
-    if ctx.anatomic_region is not None and ctx.anatomic_region.code:
-        ds.AnatomicRegionSequence = Sequence([_code_item(ctx.anatomic_region)])
-    laterality = (ctx.laterality or "").strip().upper()
-    if laterality:
-        if laterality not in _LATERALITY:
-            raise ValueError("ImageLaterality must be one of L, R, B, U")
-        ds.ImageLaterality = laterality
-    else:
-        # Unknown. ImageLaterality has no "unknown" value (U means unpaired), and the series
-        # Laterality is Type 2C — required, possibly empty, when the part may be paired and no
-        # ImageLaterality is sent. Empty says "unknown" (dciodvfy: a warning, not an error).
-        ds.Laterality = ""
+    add_patient(ds, patient)
+    add_anatomy(ds, ctx)
 
     # Image Pixel
     ds.SamplesPerPixel = photo.samples_per_pixel
@@ -265,15 +122,7 @@ def build_vl_photographic(photo: PreparedPhoto, patient: PatientDemographics,
         ds.FocalLength = _ds(photo.exif.focal_length)
 
     # SOP Common: who made this object, from what
-    equipment = Dataset()
-    equipment.PurposeOfReferenceCodeSequence = Sequence([_code_item(
-        CodedConcept("109102", "DCM", "Processing Equipment"))])
-    equipment.Manufacturer = "fhirbridge"
-    equipment.SoftwareVersions = SOFTWARE_VERSION
-    equipment.ContributionDateTime = _dt(now)
-    if ctx.source_description:
-        equipment.ContributionDescription = _lt(ctx.source_description, 1024)
-    ds.ContributingEquipmentSequence = Sequence([equipment])
+    add_contributing_equipment(ds, ctx, now=now)
 
     ds.PixelData = _encapsulate(photo.jpeg)
     ds["PixelData"].VR = "OB"

@@ -19,7 +19,7 @@ def capability_statement() -> dict[str, Any]:
         "name": "FhirbridgeCapabilityStatement",
         "title": "fhirbridge: patient-generated media into DICOM",
         "status": "active",
-        "date": "2026-11-28",
+        "date": "2026-11-29",
         "publisher": "fhirbridge",
         "kind": "instance",
         "software": {"name": "fhirbridge", "version": __version__},
@@ -29,11 +29,22 @@ def capability_statement() -> dict[str, Any]:
             "mode": "server",
             "documentation": "Uploads are accepted durably (201) and processed in the "
                              "background; a Task whose focus is the upload reports progress.",
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
             "resource": [
                 {
                     "type": "Media",
-                    "documentation": "content.data base64 (strict), contentType image/jpeg; "
-                                     "subject = Patient reference or identifier.",
+                    "documentation": "A photo or a video: content.data base64 (strict) or "
+                                     "content.url (Binary/{id}, or the EHR); contentType "
+                                     "image/jpeg, image/png, image/heic, image/heif, image/webp, "
+                                     "video/mp4, video/quicktime; subject = Patient reference or "
+                                     "identifier.",
+                    "interaction": [{"code": "create"}, {"code": "read"}],
+                },
+                {
+                    "type": "DocumentReference",
+                    "documentation": "content[].attachment as for Media, plus application/pdf "
+                                     "(Encapsulated PDF); context.sourcePatientInfo is evidence "
+                                     "only; relatesTo replaces supersedes an earlier upload.",
                     "interaction": [{"code": "create"}, {"code": "read"}],
                 },
                 {

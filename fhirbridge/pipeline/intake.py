@@ -1,22 +1,34 @@
 """Accept an upload: bytes staged durably, then submission + Task + job in one transaction.
 
-Only after that commit does the client get 201 (durable before acknowledged).
+Only after that commit does the client get 201 (durable before acknowledged). An upload
+Bundle is accepted the same way, every entry in the same transaction, all in one study.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from fhirbridge.adapters.blobs import BlobStore
-from fhirbridge.fhir.media import InboundMedia
+from fhirbridge.fhir.outcome import FhirError
+from fhirbridge.fhir.upload import InboundAttachment, InboundUpload, check_content
+from fhirbridge.media.kinds import SERIES_NUMBER, VIDEO, MediaLimits
+from fhirbridge.media.sniff import content_type_matches, sniff_content_type
 from fhirbridge.pipeline.queue import enqueue
 from fhirbridge.store.db import Database
 from fhirbridge.store.models import Submission, Task
 
 UPLOAD_JOB = "upload"
+_LOCAL_BINARY = re.compile(r"^Binary/([A-Za-z0-9\-.]{1,64})$")
 
 
 @dataclass(frozen=True)
@@ -26,38 +38,192 @@ class Accepted:
     task_id: str
 
 
-def idempotency_key(inbound: InboundMedia, content_sha256: str) -> str:
-    """Same patient claim + same business identifiers + same bytes = the same DICOM object."""
+@dataclass(frozen=True)
+class StagedBlob:
+    """Bytes already durable in the blob store (inline data, or a Binary we hold)."""
+
+    blob_path: str
+    sha256: str
+    size: int
+    content_type: str
+
+
+@dataclass
+class IntakeContext:
+    """What intake needs besides the database: where bytes go and how URLs resolve."""
+
+    blobs: BlobStore
+    limits: MediaLimits = field(default_factory=MediaLimits)
+    # Binary/{id} we hold → StagedBlob, or None
+    local_binary: Callable[[str], StagedBlob | None] = lambda _id: None
+    # may fhirbridge fetch this URL later (EHR base, allow-list)? → bool
+    url_allowed: Callable[[str], bool] = lambda _url: False
+    probe_video: Callable[[Any], Any] | None = None  # bytes or Path → raises MediaError
+    bundle_blobs: dict[str, StagedBlob] = field(default_factory=dict)  # fullUrl → blob
+    own_base: str = ""  # our public FHIR base: {own_base}/Binary/{id} is ours
+
+
+def idempotency_key(inbound: InboundUpload, content_ids: Sequence[str]) -> str:
+    """Same patient claim + same business identifiers + same bytes = the same DICOM objects."""
     claim = inbound.claim
     parts = {
         "ref": claim.reference or "",
         "ident": [claim.identifier.system, claim.identifier.value] if claim.identifier else [],
         "ids": sorted(list(i) for i in inbound.identifiers),
-        "sha256": content_sha256,
+        "sha256": content_ids[0] if len(content_ids) == 1 else list(content_ids),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def accept_media(db: Database, blobs: BlobStore, inbound: InboundMedia,
-                 resource_type: str = "Media") -> Accepted:
-    rel, digest = blobs.put(inbound.data)
+def stage(inbound: InboundUpload, ctx: IntakeContext) -> list[dict[str, Any]]:
+    """Make every attachment's bytes durable (or check its URL may be fetched), checking
+    the bytes we hold. Returns the attachment records for Submission.attachments_json."""
+    staged = []
+    for index, att in enumerate(inbound.attachments):
+        rec: dict[str, Any] = {"index": index, "content_type": att.content_type,
+                               "kind": att.kind, "blob_path": "", "sha256": "", "size": 0,
+                               "url": ""}
+        if att.data is not None:
+            rel, digest = ctx.blobs.put(att.data)
+            rec.update(blob_path=rel, sha256=digest, size=len(att.data))
+        else:
+            blob = _resolve_local(att, ctx)
+            if blob is not None:
+                rec.update(blob_path=blob.blob_path, sha256=blob.sha256, size=blob.size)
+            elif ctx.url_allowed(att.url):
+                rec.update(url=att.url)
+            else:
+                raise FhirError(422, "security", "attachment url is neither a Binary held here "
+                                "nor on the EHR or its allow-list", expression=f"{att.expression}.url")
+        staged.append(rec)
+    return staged
+
+
+def _resolve_local(att: InboundAttachment, ctx: IntakeContext) -> StagedBlob | None:
+    """urn:uuid of a Binary in the same Bundle, `Binary/{id}` or `{our base}/Binary/{id}`
+    naming a Binary we hold → its blob (checked). Anything else → None (maybe the EHR's)."""
+    blob = ctx.bundle_blobs.get(att.url)
+    if blob is None:
+        url = att.url
+        if ctx.own_base and url.startswith(ctx.own_base.rstrip("/") + "/"):
+            url = url[len(ctx.own_base.rstrip("/")) + 1:]
+        m = _LOCAL_BINARY.match(url)
+        if m and "://" not in url:
+            blob = ctx.local_binary(m.group(1))
+    if blob is None:
+        return None
+    check_held_bytes(att, blob, ctx)
+    return blob
+
+
+def check_held_bytes(att: InboundAttachment, blob: StagedBlob, ctx: IntakeContext) -> None:
+    """The checks inline data gets, for bytes we already hold (a Binary): type by magic,
+    size and hash, and the per-kind checks — without reading a video into memory."""
+    path = ctx.blobs.path(blob.blob_path)
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if not content_type_matches(att.content_type, sniff_content_type(head)):
+        raise FhirError(415, "invalid", f"attachment bytes are not {att.content_type}",
+                        expression=f"{att.expression}.contentType")
+    if att.size is not None and att.size != blob.size:
+        raise FhirError(422, "invalid", "Attachment.size does not match the Binary's length",
+                        expression=f"{att.expression}.size")
+    if att.kind == VIDEO:
+        if att.sha1:
+            _check_sha1_file(path, att)
+        if ctx.probe_video is not None:
+            from fhirbridge.fhir.upload import media_error
+            from fhirbridge.media.errors import MediaError
+
+            try:
+                ctx.probe_video(path)
+            except MediaError as exc:
+                raise media_error(exc, att.expression) from None
+        return
+    check_content(path.read_bytes(), att, ctx.limits, ctx.probe_video)
+
+
+def _check_sha1_file(path: Path, att: InboundAttachment) -> None:
+    import base64
+
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    try:
+        expected = base64.b64decode(str(att.sha1), validate=True)
+    except ValueError:
+        expected = b""
+    if expected != digest.digest():
+        raise FhirError(422, "invalid", "Attachment.hash does not match the SHA-1 of the data",
+                        expression=f"{att.expression}.hash")
+
+
+def accept_upload(db: Database, ctx: IntakeContext, inbound: InboundUpload) -> Accepted:
+    """One Media or DocumentReference: staged, then recorded with its Task and job."""
+    staged = stage(inbound, ctx)
+    with db.transaction() as s:
+        return _record(s, inbound, staged, study_key=None, counters={})
+
+
+def accept_bundle(db: Database, ctx: IntakeContext, uploads: list[InboundUpload], *,
+                  staged: list[list[dict[str, Any]]] | None = None) -> list[Accepted]:
+    """Every upload of a Bundle in one transaction and one study: a series per kind."""
+    if staged is None:
+        staged = [stage(u, ctx) for u in uploads]
+    keys = [idempotency_key(u, _content_ids(st)) for u, st in zip(uploads, staged)]
+    study_key = hashlib.sha256(json.dumps(sorted(keys)).encode()).hexdigest()
+    counters: dict[str, int] = {}
+    with db.transaction() as s:
+        return [_record(s, u, st, study_key=study_key, counters=counters)
+                for u, st in zip(uploads, staged)]
+
+
+def _content_ids(staged: list[dict[str, Any]]) -> list[str]:
+    return [a["sha256"] or f"url:{a['url']}" for a in staged]
+
+
+def _record(s: Session, inbound: InboundUpload, staged: list[dict[str, Any]],
+            study_key: str | None, counters: dict[str, int]) -> Accepted:
+    key = idempotency_key(inbound, _content_ids(staged))
+    for a in staged:
+        counters[a["kind"]] = counters.get(a["kind"], 0) + 1
+        a["series_number"] = SERIES_NUMBER.get(a["kind"], 9)
+        a["instance_number"] = counters[a["kind"]]
+    replaced = None
+    for old_id in inbound.description.replaces:
+        replaced = s.get(Submission, old_id)
+        if replaced is not None:
+            break
+    if study_key is None:
+        study_key = replaced.study_key if replaced is not None and replaced.study_key else key
     resource_id = str(uuid.uuid4())
     task_id = str(uuid.uuid4())
     resource = dict(inbound.resource)
     resource["id"] = resource_id
-    with db.transaction() as s:
-        s.add(Submission(
-            id=resource_id,
-            resource_type=resource_type,
-            resource_json=json.dumps(resource),
-            content_type=inbound.content_type,
-            blob_path=rel,
-            blob_sha256=digest,
-            blob_size=len(inbound.data),
-            idempotency_key=idempotency_key(inbound, digest),
-        ))
-        s.flush()
-        s.add(Task(id=task_id, submission_id=resource_id, focus=f"{resource_type}/{resource_id}",
-                   status="requested"))
-        enqueue(s, UPLOAD_JOB, resource_id)
-    return Accepted(resource_type, resource_id, task_id)
+    first = staged[0]
+    s.add(Submission(
+        id=resource_id,
+        resource_type=inbound.resource_type,
+        resource_json=json.dumps(resource),
+        content_type=first["content_type"],
+        blob_path=first["blob_path"],
+        blob_sha256=first["sha256"],
+        blob_size=first["size"],
+        idempotency_key=key,
+        study_key=study_key,
+        attachments_json=json.dumps(staged),
+    ))
+    if replaced is not None:
+        replaced.superseded_by = resource_id
+    s.flush()
+    s.add(Task(id=task_id, submission_id=resource_id,
+               focus=f"{inbound.resource_type}/{resource_id}", status="requested"))
+    enqueue(s, UPLOAD_JOB, resource_id)
+    return Accepted(inbound.resource_type, resource_id, task_id)
+
+
+def superseded_ids(s: Session, submission_ids: Sequence[str]) -> set[str]:
+    rows = s.execute(select(Submission.id).where(Submission.id.in_(list(submission_ids)),
+                                                 Submission.superseded_by != ""))
+    return {r[0] for r in rows}

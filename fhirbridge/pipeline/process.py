@@ -25,18 +25,23 @@ from fhirbridge.adapters.pacs import Pacs, PacsError
 from fhirbridge.config import IdentifierDomain
 from fhirbridge.dicom.context import PatientDemographics, StudyContext
 from fhirbridge.dicom.io import write_dataset
-from fhirbridge.dicom.photo import build_vl_photographic
+from fhirbridge.dicom.build import build_object, prepare_media
 from fhirbridge.dicom.uids import uid_from
 from fhirbridge.fhir.imagingstudy import (
     InstanceSummary,
     imaging_study,
     study_identifier_token,
 )
-from fhirbridge.fhir.media import MediaDescription, describe_media
+from fhirbridge.fhir.documentreference import describe_document_reference
+from fhirbridge.fhir.media import describe_media
+from fhirbridge.fhir.upload import UploadDescription
 from fhirbridge.identity.model import PatientRecord
 from fhirbridge.identity.policy import Held, Matched
 from fhirbridge.media.errors import MediaError
-from fhirbridge.media.photo import prepare_photo
+from fhirbridge.media.kinds import (
+    PDF, PHOTO, SERIES_DESCRIPTION, SERIES_NUMBER, VIDEO, MediaLimits, kind_of,
+)
+from fhirbridge.media.sniff import content_type_matches, sniff_content_type
 from fhirbridge.pipeline.intake import UPLOAD_JOB
 from fhirbridge.pipeline.patient import PatientResolver, identifier_in_domains
 from fhirbridge.pipeline.queue import ClaimedJob, JobQueue
@@ -62,15 +67,15 @@ class PipelineOptions:
     domains: list[IdentifierDomain]
     instances_dir: Path
     wado_rs_url: str = ""
-    max_pixels: int = 89_478_485
-    min_side: int = 0
+    limits: MediaLimits = field(default_factory=MediaLimits)
     source_description: str = "Patient portal upload via fhirbridge"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Pipeline:
     def __init__(self, db: Database, queue: JobQueue, blobs: BlobStore, pacs: Pacs,
-                 resolver: PatientResolver, ehr: FhirEhr | None, options: PipelineOptions) -> None:
+                 resolver: PatientResolver, ehr: FhirEhr | None, options: PipelineOptions,
+                 fetcher: Any = None) -> None:
         self.db = db
         self.queue = queue
         self.blobs = blobs
@@ -78,6 +83,7 @@ class Pipeline:
         self.resolver = resolver
         self.ehr = ehr
         self.options = options
+        self.fetcher = fetcher  # fetches attachment URLs (adapters.attachments)
         self.handlers: dict[str, Callable[[ClaimedJob], str]] = {UPLOAD_JOB: self.process_upload}
         options.instances_dir.mkdir(parents=True, exist_ok=True)
 
@@ -128,15 +134,18 @@ class Pipeline:
         if task.status in ("requested", "failed"):
             self._set_task(task.id, "in-progress")
         resource = json.loads(sub.resource_json)
-        desc = describe_media(resource)
+        desc = describe_upload(sub.resource_type, resource)
+        attachments = self._attachments(sub)
 
-        # 1. media checks (decodable, pixel limit) and preparation; deterministic
-        try:
-            photo = prepare_photo(self.blobs.get(sub.blob_path), sub.content_type,
-                                  max_pixels=self.options.max_pixels,
-                                  min_side=self.options.min_side)
-        except MediaError as exc:
-            raise Permanent(exc.code, exc.text) from None
+        # 1. media: fetch what is only a URL, check and prepare every attachment (deterministic)
+        prepared = []
+        for att in attachments:
+            source = self._source_of(sub.id, att)
+            try:
+                prepared.append((att, prepare_media(source, att["content_type"],
+                                                    self.options.limits)))
+            except MediaError as exc:
+                raise Permanent(exc.code, exc.text) from None
 
         # 2. patient: matched, or held for a person (never a guess)
         confirmed = job.payload.get("confirmed_patient")
@@ -156,41 +165,102 @@ class Pipeline:
                               [patient.ref])
             return "held"
 
-        # 3. DICOM, with UIDs derived from the submission
+        # 3. DICOM, with UIDs derived from the submission; content already stored for this
+        # patient (same bytes, another upload) reuses the stored instance.
         key = sub.idempotency_key
-        ctx = self.study_context(key, desc, sub.received_at)
-        ds = build_vl_photographic(photo, demographics, ctx, now=_aware(sub.received_at))
-        path = self.options.instances_dir / f"{ctx.sop_instance_uid}.dcm"
-        write_durably(path, write_dataset(ds))
+        study_key = sub.study_key or key
+        built: list[tuple[dict[str, Any], StudyContext, Dataset, Path]] = []
+        reused: list[StoredInstance] = []
+        for att, media in prepared:
+            ctx = self.study_context(key, desc, sub.received_at, study_key=study_key,
+                                     attachment=att, captured=media.captured)
+            duplicate = self._stored_duplicate(att.get("sha256", ""), patient.ref,
+                                               ctx.sop_instance_uid)
+            if duplicate is not None:
+                reused.append(duplicate)
+                continue
+            ds = build_object(media, demographics, ctx, now=_aware(sub.received_at))
+            path = self.options.instances_dir / f"{ctx.sop_instance_uid}.dcm"
+            write_durably(path, write_dataset(ds))
+            built.append((att, ctx, ds, path))
 
         # 4. PACS
-        self.pacs.store([ds])
+        if built:
+            self.pacs.store([ds for _, _, ds, _ in built])
 
         # 5. ImagingStudy: at the EHR (conditional update), then ours, then Task completed
-        patient_ref = patient.ref
         with self.db.transaction() as s:
-            inst = s.scalar(select(StoredInstance).where(
-                StoredInstance.sop_instance_uid == ctx.sop_instance_uid))
-            if inst is None:
-                inst = StoredInstance(sop_instance_uid=ctx.sop_instance_uid)
-                s.add(inst)
-            inst.sop_class_uid = str(ds.SOPClassUID)
-            inst.series_instance_uid = ctx.series_instance_uid
-            inst.study_instance_uid = ctx.study_instance_uid
-            inst.submission_id = sub.id
-            inst.patient_ref = patient_ref
-            inst.patient_id = demographics.patient_id
-            inst.issuer = demographics.issuer_of_patient_id
-            inst.content_sha256 = sub.blob_sha256
-            inst.file_path = str(path)
-        study_ref = self.write_back_study(ctx.study_instance_uid, patient)
+            for att, ctx, ds, path in built:
+                inst = s.scalar(select(StoredInstance).where(
+                    StoredInstance.sop_instance_uid == ctx.sop_instance_uid))
+                if inst is None:
+                    inst = StoredInstance(sop_instance_uid=ctx.sop_instance_uid)
+                    s.add(inst)
+                inst.sop_class_uid = str(ds.SOPClassUID)
+                inst.series_instance_uid = ctx.series_instance_uid
+                inst.study_instance_uid = ctx.study_instance_uid
+                inst.submission_id = sub.id
+                inst.patient_ref = patient.ref
+                inst.patient_id = demographics.patient_id
+                inst.issuer = demographics.issuer_of_patient_id
+                inst.content_sha256 = att.get("sha256", "")
+                inst.file_path = str(path)
+        studies = [ctx.study_instance_uid for _, ctx, _, _ in built]
+        studies += [r.study_instance_uid for r in reused]
+        study_ref = ""
+        for study_uid in dict.fromkeys(studies):
+            study_ref = study_ref or self.write_back_study(study_uid, patient)
+        code, text = ("duplicate", "the same content was already stored for this patient; "
+                      "the stored instance is reused") if reused and not built else ("", "")
         with self.db.transaction() as s:
             t = s.get(Task, task.id)
             assert t is not None
-            t.status, t.reason_code, t.reason_text = "completed", "", ""
+            t.status, t.reason_code, t.reason_text = "completed", code, text
             t.output_ref = study_ref
             self.queue.complete(s, job)
         return "done"
+
+    def _attachments(self, sub: Submission) -> list[dict[str, Any]]:
+        atts = json.loads(sub.attachments_json or "[]")
+        if not atts:  # a submission recorded before attachments_json existed
+            atts = [{"index": 0, "content_type": sub.content_type, "blob_path": sub.blob_path,
+                     "sha256": sub.blob_sha256, "size": sub.blob_size, "url": "",
+                     "series_number": 1, "instance_number": 1}]
+        return atts
+
+    def _source_of(self, submission_id: str, att: dict[str, Any]) -> bytes | Path:
+        """The attachment's bytes (a Path for video: never all in memory), fetching a URL
+        attachment once into the blob store and recording where it went."""
+        if not att.get("blob_path"):
+            if self.fetcher is None:
+                raise Permanent("attachment-unavailable", "attachment URLs cannot be fetched: "
+                                "no EHR is configured")
+            rel, digest, size, _ctype = self.fetcher.fetch(att["url"], self.blobs)
+            head = self.blobs.path(rel).open("rb").read(4096)
+            if not content_type_matches(att["content_type"], sniff_content_type(head)):
+                raise Permanent("type-mismatch", "the fetched attachment is not "
+                                f"{att['content_type']}")
+            att.update(blob_path=rel, sha256=digest, size=size)
+            with self.db.transaction() as s:
+                row = s.get(Submission, submission_id)
+                if row is not None:
+                    stored = json.loads(row.attachments_json or "[]")
+                    for a in stored:
+                        if a.get("index") == att.get("index"):
+                            a.update(blob_path=rel, sha256=digest, size=size)
+                    row.attachments_json = json.dumps(stored)
+        path = self.blobs.path(att["blob_path"])
+        return path if kind_of(att["content_type"]) == VIDEO else path.read_bytes()
+
+    def _stored_duplicate(self, sha256: str, patient_ref: str,
+                          sop_instance_uid: str) -> StoredInstance | None:
+        if not sha256:
+            return None
+        with self.db.session() as s:
+            return s.scalar(select(StoredInstance).where(
+                StoredInstance.content_sha256 == sha256,
+                StoredInstance.patient_ref == patient_ref,
+                StoredInstance.sop_instance_uid != sop_instance_uid).limit(1))
 
     # -- pieces, public so corrections and the review queue reuse them ----------------------
     def demographics(self, patient: PatientRecord) -> PatientDemographics | None:
@@ -219,25 +289,37 @@ class Pipeline:
             other_ids=others,
         )
 
-    def study_context(self, key: str, desc: MediaDescription,
-                      received_at: datetime) -> StudyContext:
-        created = desc.created or _aware(received_at)
+    def study_context(self, key: str, desc: UploadDescription, received_at: datetime, *,
+                      study_key: str | None = None, attachment: dict[str, Any] | None = None,
+                      captured: datetime | None = None) -> StudyContext:
+        """UIDs: the study from the study key (one upload, one Bundle, or a `replaces`
+        chain), a series per kind, an instance per attachment — all deterministic."""
+        att = attachment or {"index": 0, "kind": PHOTO, "series_number": 1,
+                             "instance_number": 1}
+        kind = att.get("kind") or kind_of(att.get("content_type")) or PHOTO
+        study_key = study_key or key
+        index = int(att.get("index") or 0)
+        created = desc.created or captured or _aware(received_at)
+        is_document = kind == PDF
         return StudyContext(
-            study_instance_uid=uid_from("study", key),
-            series_instance_uid=uid_from("series", key),
-            sop_instance_uid=uid_from("sop", key),
+            study_instance_uid=uid_from("study", study_key),
+            series_instance_uid=uid_from("series", study_key) if kind == PHOTO
+            else uid_from(f"series-{kind}", study_key),
+            sop_instance_uid=uid_from("sop", key) if index == 0
+            else uid_from(f"sop-{index}", key),
             content_datetime=created,
             study_datetime=created,
             study_id="1",
-            series_number=1,
-            instance_number=1,
-            study_description="Patient-generated photo",
-            series_description="Patient portal photo",
+            series_number=int(att.get("series_number") or SERIES_NUMBER.get(kind, 1)),
+            instance_number=int(att.get("instance_number") or 1),
+            study_description="Patient-generated media",
+            series_description=desc.series_description or SERIES_DESCRIPTION.get(kind, ""),
             anatomic_region=desc.body_site,
             laterality=desc.laterality,
             manufacturer=desc.device_make,
             manufacturer_model_name=desc.device_model,
             comments=desc.notes,
+            document_title=desc.document_title if is_document else "",
             source_description=self.options.source_description,
         )
 
@@ -329,6 +411,12 @@ class Pipeline:
             t = s.scalar(select(Task).where(Task.submission_id == job.subject_id))
             if t is not None:
                 t.status, t.reason_code, t.reason_text = status, code, text[:500]
+
+
+def describe_upload(resource_type: str, resource: dict[str, Any]) -> UploadDescription:
+    if resource_type == "DocumentReference":
+        return describe_document_reference(resource)
+    return describe_media(resource)
 
 
 def summary_from_file(path: Path) -> InstanceSummary:

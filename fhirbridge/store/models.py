@@ -40,6 +40,12 @@ class Submission(Base):
     blob_sha256: Mapped[str] = mapped_column(String(64))
     blob_size: Mapped[int] = mapped_column(Integer)
     idempotency_key: Mapped[str] = mapped_column(String(64), index=True)
+    # One study per upload (or per upload Bundle, or per chain of `replaces`).
+    study_key: Mapped[str] = mapped_column(String(64), default="", index=True)
+    # Every attachment: [{index, content_type, kind, blob_path, sha256, size, url,
+    # series_number, instance_number}]; the blob_* columns above describe the first.
+    attachments_json: Mapped[str] = mapped_column(Text, default="[]")
+    superseded_by: Mapped[str] = mapped_column(String(64), default="")  # DocumentReference id
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -195,3 +201,17 @@ class ReviewDecision(Base):
     reviewer: Mapped[str] = mapped_column(String(128))
     comment: Mapped[str] = mapped_column(Text, default="")
     decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BinaryRecord(Base):
+    """A FHIR R4 Binary received at `POST /fhir/Binary`: its bytes are a blob (content-addressed,
+    durable before this row commits); several Binaries may share one blob."""
+
+    __tablename__ = "binary"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # uuid4 hex
+    content_type: Mapped[str] = mapped_column(String(128))
+    blob_path: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,135 @@
+"""Upload Bundles (FHIR R4 3.1.0.11 transaction / batch): entries of Media, DocumentReference
+and Binary, for one patient, become one study (a series per kind).
+
+transaction: all or nothing — any bad entry refuses the whole Bundle, nothing is stored.
+batch: each entry on its own; the response carries each entry's outcome.
+A Binary entry is referenced from an attachment `url` by its `fullUrl` (urn:uuid:…).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fhirbridge.fhir.documentreference import parse_document_reference_resource
+from fhirbridge.fhir.media import parse_media_resource
+from fhirbridge.fhir.outcome import FhirError, operation_outcome
+from fhirbridge.fhir.upload import InboundUpload, strict_b64decode
+from fhirbridge.media.kinds import ACCEPTED_TYPES, MediaLimits
+from fhirbridge.media.sniff import content_type_matches, normalize_content_type, sniff_content_type
+
+__all__ = ["BinaryEntry", "UploadBundle", "parse_bundle", "response_bundle"]
+
+_UPLOAD_TYPES = ("Media", "DocumentReference")
+
+
+@dataclass
+class BinaryEntry:
+    full_url: str
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class UploadBundle:
+    type: str  # transaction | batch
+    entries: list[InboundUpload | BinaryEntry | FhirError]  # in Bundle order
+    full_urls: list[str] = field(default_factory=list)
+
+
+def parse_bundle(raw: bytes, *, limits: MediaLimits | None = None,
+                 probe_video: Any = None) -> UploadBundle:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise FhirError(400, "structure", "body is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
+        raise FhirError(400, "structure", "POST /fhir takes a Bundle")
+    kind = doc.get("type")
+    if kind not in ("transaction", "batch"):
+        raise FhirError(422, "not-supported", "Bundle.type must be transaction or batch",
+                        expression="Bundle.type")
+    raw_entries = doc.get("entry")
+    if not isinstance(raw_entries, list) or not raw_entries:
+        raise FhirError(422, "required", "the Bundle has no entries", expression="Bundle.entry")
+    out = UploadBundle(type=kind, entries=[])
+    for i, entry in enumerate(raw_entries):
+        where = f"Bundle.entry[{i}]"
+        full_url = entry.get("fullUrl", "") if isinstance(entry, dict) else ""
+        out.full_urls.append(full_url if isinstance(full_url, str) else "")
+        try:
+            out.entries.append(_entry(entry, where, limits, probe_video))
+        except FhirError as exc:
+            if kind == "transaction":
+                raise FhirError(exc.status, exc.code, f"{where}: {exc.text}",
+                                expression=exc.expression or where) from None
+            out.entries.append(exc)
+    uploads = [e for e in out.entries if isinstance(e, InboundUpload)]
+    if not uploads and kind == "transaction":
+        raise FhirError(422, "required", "the Bundle holds no Media or DocumentReference")
+    _one_patient(uploads)
+    return out
+
+
+def _entry(entry: Any, where: str, limits: MediaLimits | None,
+           probe_video: Any) -> InboundUpload | BinaryEntry:
+    if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+        raise FhirError(400, "structure", "entry has no resource", expression=where)
+    request = entry.get("request")
+    if not isinstance(request, dict) or request.get("method") != "POST":
+        raise FhirError(422, "not-supported", "only POST (create) entries are accepted",
+                        expression=f"{where}.request.method")
+    resource = entry["resource"]
+    rtype = resource.get("resourceType")
+    if rtype == "Binary":
+        return _binary(resource, str(entry.get("fullUrl") or ""), where)
+    if rtype not in _UPLOAD_TYPES:
+        raise FhirError(422, "not-supported", "entries must be Media, DocumentReference or "
+                        "Binary", expression=f"{where}.resource")
+    if rtype == "Media":
+        upload = parse_media_resource(resource, limits=limits, probe_video=probe_video)
+    else:
+        upload = parse_document_reference_resource(resource, limits=limits,
+                                                   probe_video=probe_video)
+    upload.full_url = str(entry.get("fullUrl") or "")
+    return upload
+
+
+def _binary(resource: dict[str, Any], full_url: str, where: str) -> BinaryEntry:
+    ctype = normalize_content_type(resource.get("contentType"))
+    if ctype not in ACCEPTED_TYPES:
+        raise FhirError(415, "not-supported", "Binary.contentType is not accepted; accepted "
+                        f"types: {', '.join(ACCEPTED_TYPES)}", expression=f"{where}.resource")
+    if not full_url:
+        raise FhirError(422, "required", "a Binary entry needs a fullUrl to be referenced",
+                        expression=f"{where}.fullUrl")
+    text = resource.get("data")
+    if not isinstance(text, str):
+        raise FhirError(422, "required", "Binary.data is required", expression=f"{where}.resource")
+    data = strict_b64decode(text, expression=f"{where}.resource.data")
+    if not content_type_matches(ctype, sniff_content_type(data)):
+        raise FhirError(415, "invalid", f"Binary bytes are not {ctype}",
+                        expression=f"{where}.resource.contentType")
+    return BinaryEntry(full_url=full_url, content_type=ctype, data=data)
+
+
+def _one_patient(uploads: list[InboundUpload]) -> None:
+    """One upload Bundle = one patient = one study."""
+    claims = {(u.claim.reference, u.claim.identifier) for u in uploads}
+    if len(claims) > 1:
+        raise FhirError(422, "business-rule", "every entry of an upload Bundle must name the "
+                        "same patient (the same subject)", expression="Bundle.entry")
+
+
+def response_bundle(kind: str, results: list[dict[str, Any] | FhirError]) -> dict[str, Any]:
+    """transaction-response / batch-response: one entry per request entry, in order."""
+    entries = []
+    for r in results:
+        if isinstance(r, FhirError):
+            entries.append({"response": {
+                "status": str(r.status),
+                "outcome": operation_outcome(r.code, r.text, expression=r.expression)}})
+        else:
+            entries.append({"response": r})
+    return {"resourceType": "Bundle", "type": f"{kind}-response", "entry": entries}
