@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fhirbridge.adapters.blobs import BlobStore
@@ -213,17 +212,10 @@ def _record(s: Session, inbound: InboundUpload, staged: list[dict[str, Any]],
         idempotency_key=key,
         study_key=study_key,
         attachments_json=json.dumps(staged),
+        replaces_id=replaced.id if replaced is not None else "",
     ))
-    if replaced is not None:
-        replaced.superseded_by = resource_id
     s.flush()
     s.add(Task(id=task_id, submission_id=resource_id,
                focus=f"{inbound.resource_type}/{resource_id}", status="requested"))
     enqueue(s, UPLOAD_JOB, resource_id)
     return Accepted(inbound.resource_type, resource_id, task_id)
-
-
-def superseded_ids(s: Session, submission_ids: Sequence[str]) -> set[str]:
-    rows = s.execute(select(Submission.id).where(Submission.id.in_(list(submission_ids)),
-                                                 Submission.superseded_by != ""))
-    return {r[0] for r in rows}

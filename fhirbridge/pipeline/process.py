@@ -165,6 +165,10 @@ class Pipeline:
                               [patient.ref])
             return "held"
 
+        if sub.replaces_id and self._replaces_other_patient(sub.replaces_id, patient.ref):
+            raise Permanent("replaces-other-patient", "the upload it replaces belongs to "
+                            "another patient; nothing was stored")
+
         # 3. DICOM, with UIDs derived from the submission; content already stored for this
         # patient (same bytes, another upload) reuses the stored instance.
         key = sub.idempotency_key
@@ -205,11 +209,16 @@ class Pipeline:
                 inst.issuer = demographics.issuer_of_patient_id
                 inst.content_sha256 = att.get("sha256", "")
                 inst.file_path = str(path)
+            if sub.replaces_id:  # relatesTo replaces: the earlier upload leaves the study
+                old = s.get(Submission, sub.replaces_id)
+                if old is not None:
+                    old.superseded_by = sub.id
         studies = [ctx.study_instance_uid for _, ctx, _, _ in built]
         studies += [r.study_instance_uid for r in reused]
         study_ref = ""
         for study_uid in dict.fromkeys(studies):
-            study_ref = study_ref or self.write_back_study(study_uid, patient)
+            ref = self.write_back_study(study_uid, patient)
+            study_ref = study_ref or ref
         code, text = ("duplicate", "the same content was already stored for this patient; "
                       "the stored instance is reused") if reused and not built else ("", "")
         with self.db.transaction() as s:
@@ -251,6 +260,12 @@ class Pipeline:
                     row.attachments_json = json.dumps(stored)
         path = self.blobs.path(att["blob_path"])
         return path if kind_of(att["content_type"]) == VIDEO else path.read_bytes()
+
+    def _replaces_other_patient(self, replaced_id: str, patient_ref: str) -> bool:
+        with self.db.session() as s:
+            refs = set(s.scalars(select(StoredInstance.patient_ref).where(
+                StoredInstance.submission_id == replaced_id)))
+        return bool(refs - {patient_ref})
 
     def _stored_duplicate(self, sha256: str, patient_ref: str,
                           sop_instance_uid: str) -> StoredInstance | None:
@@ -333,14 +348,35 @@ class Pipeline:
         return {"reference": patient.ref}
 
     def write_back_study(self, study_instance_uid: str, patient: PatientRecord) -> str:
-        """(Re)build the ImagingStudy from every instance stored for the study; write it to the
-        EHR by conditional update, keep our copy. Returns `ImagingStudy/{our id}`."""
-        with self.db.session() as s:
-            rows = list(s.scalars(select(StoredInstance).where(
-                StoredInstance.study_instance_uid == study_instance_uid)))
-        summaries = [summary_from_file(Path(r.file_path)) for r in rows]
+        """(Re)build the ImagingStudy from every current instance stored for the study (not
+        those of a superseded upload); write it to the EHR by conditional update, keep our
+        copy. Workers finishing uploads of one study at the same time each write; whoever
+        wrote a set that is no longer current writes again, so the last write is complete.
+        Returns `ImagingStudy/{our id}`."""
         local_id = str(uuid.uuid5(uuid.NAMESPACE_OID, study_instance_uid))
         subject = self.subject_reference(patient)
+        written: tuple[str, ...] | None = None
+        for _ in range(5):
+            rows = self._current_instances(study_instance_uid)
+            current = tuple(sorted(r.sop_instance_uid for r in rows))
+            if current == written or not rows:
+                break
+            self._write_study(study_instance_uid, local_id, rows, subject, patient)
+            written = current
+        return f"ImagingStudy/{local_id}"
+
+    def _current_instances(self, study_instance_uid: str) -> list[StoredInstance]:
+        with self.db.session() as s:
+            return list(s.scalars(
+                select(StoredInstance)
+                .join(Submission, Submission.id == StoredInstance.submission_id, isouter=True)
+                .where(StoredInstance.study_instance_uid == study_instance_uid,
+                       (Submission.superseded_by == "") | (Submission.id.is_(None)))
+                .order_by(StoredInstance.series_instance_uid, StoredInstance.id)))
+
+    def _write_study(self, study_instance_uid: str, local_id: str, rows: list[StoredInstance],
+                     subject: dict[str, Any], patient: PatientRecord) -> None:
+        summaries = [summary_from_file(Path(r.file_path)) for r in rows]
         resource = imaging_study(summaries, subject=subject,
                                  wado_rs_url=self.options.wado_rs_url, resource_id=local_id)
         ehr_id = ""
@@ -360,7 +396,6 @@ class Pipeline:
             rec.patient_ref = patient_key
             rec.resource_json = json.dumps(resource)
             rec.ehr_id = ehr_id or rec.ehr_id or ""
-        return f"ImagingStudy/{local_id}"
 
     # -- task state ------------------------------------------------------------------------
     def _hold(self, job: ClaimedJob, task_id: str, verdict: Held) -> None:

@@ -45,7 +45,8 @@ class Submission(Base):
     # Every attachment: [{index, content_type, kind, blob_path, sha256, size, url,
     # series_number, instance_number}]; the blob_* columns above describe the first.
     attachments_json: Mapped[str] = mapped_column(Text, default="[]")
-    superseded_by: Mapped[str] = mapped_column(String(64), default="")  # DocumentReference id
+    replaces_id: Mapped[str] = mapped_column(String(64), default="")  # relatesTo replaces
+    superseded_by: Mapped[str] = mapped_column(String(64), default="")  # set once it completes
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -203,11 +204,14 @@ class ReviewDecision(Base):
     decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+from sqlalchemy import BigInteger  # noqa: E402  (sizes over 2 GiB; move to the imports above)
+
+
 class BinaryRecord(Base):
     """A FHIR R4 Binary received at `POST /fhir/Binary`: its bytes are a blob (content-addressed,
     durable before this row commits); several Binaries may share one blob."""
 
-    __tablename__ = "binary"
+    __tablename__ = "binary_resource"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # uuid4 hex
     content_type: Mapped[str] = mapped_column(String(128))
