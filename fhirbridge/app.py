@@ -23,6 +23,7 @@ from fhirbridge.adapters.ehr import FhirEhr
 from fhirbridge.adapters.pacs import Pacs, open_pacs
 from fhirbridge.config import Settings
 from fhirbridge.pipeline.corrections import RECONCILE_JOB, reconcile
+from fhirbridge.pipeline.ehr_recheck import EHR_RECHECK_JOB, recheck, schedule_recheck
 from fhirbridge.pipeline.intake import IntakeContext, StagedBlob
 from fhirbridge.pipeline.patient import PatientResolver
 from fhirbridge.pipeline.process import Pipeline, PipelineOptions
@@ -122,6 +123,7 @@ def build_services(settings: Settings) -> Services:
         limits=settings.media.limits(),
     ))
     pipeline.handlers[RECONCILE_JOB] = partial(reconcile, pipeline)
+    pipeline.handlers[EHR_RECHECK_JOB] = partial(recheck, pipeline)
     return Services(settings, db, queue, blobs, pacs, ehr, pipeline, index)
 
 
@@ -144,6 +146,20 @@ class Workers:
                                  name=f"fhirbridge-worker-{n}", daemon=True)
             t.start()
             self.threads.append(t)
+        every = self.services.settings.ehr.recheck_seconds
+        if self.count and self.services.ehr is not None and every > 0:
+            t = threading.Thread(target=self._schedule_rechecks, args=(every,),
+                                 name="fhirbridge-ehr-recheck", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _schedule_rechecks(self, every: float) -> None:
+        """Queue an EHR recheck every `every` seconds (merges made at the EHR, PIXm-style)."""
+        while not self.stop_event.wait(every):
+            try:
+                schedule_recheck(self.services.pipeline)
+            except Exception:  # database briefly unavailable: try at the next tick
+                log.exception("could not schedule the EHR recheck")
 
     def stop(self, timeout: float = 30.0) -> None:
         self.stop_event.set()
@@ -180,25 +196,30 @@ def create_app(services: Services, *, workers: int | None = None,
     install_error_handlers(app)
     for module in (uploads, task, imagingstudy, review, ops):
         app.include_router(module.router)
-    app.add_middleware(BodySizeLimit, max_bytes=services.settings.http.max_body_bytes)
+    from fhirbridge.api import binary  # POST/GET /fhir/Binary: raw bytes, own size limit
+    app.include_router(binary.router)
+    app.add_middleware(BodySizeLimit, max_bytes=services.settings.http.max_body_bytes,
+                       raw_limits=binary.raw_limits(services.settings.media.max_binary_bytes))
     return app
 
 
 async def start_mllp(services: Services) -> Any:
-    """The HL7 v2 ADT listener: each message applied to the patient index in a worker thread,
-    acknowledged AA only after its transaction commits."""
-    from fhirbridge.hl7 import AckDecision, MLLPServer, ParsedMessage
-    from fhirbridge.pipeline.adt_feed import AdtFeed
+    """The HL7 v2 ADT listener: messages from every connection are applied to the patient
+    index by one writer thread in group commits (one transaction per batch, a savepoint per
+    message) and acknowledged AA only after that commit has returned."""
+    from fhirbridge.hl7 import MLLPServer
+    from fhirbridge.pipeline.adt_feed import AdtFeed, GroupCommitter
 
     feed = AdtFeed(services.db, services.index, services.settings.identifier_domains)
-    loop = asyncio.get_running_loop()
-
-    async def handle(parsed: ParsedMessage) -> AckDecision:
-        return await loop.run_in_executor(None, feed.apply, parsed)
-
+    writer = GroupCommitter(feed, max_batch=64).start()
     m = services.settings.mllp
-    server = MLLPServer(handle, max_message_bytes=m.max_message_bytes,
+    server = MLLPServer(writer.submit, max_message_bytes=m.max_message_bytes,
                         idle_timeout=m.idle_timeout_seconds,
-                        on_ack=lambda code: services.metrics.hl7_messages.labels(ack=code).inc())
-    await server.start(m.host, m.port)
+                        on_ack=lambda code: services.metrics.hl7_messages.labels(ack=code).inc(),
+                        on_stop=writer.close)
+    try:
+        await server.start(m.host, m.port)
+    except BaseException:
+        writer.close()
+        raise
     return server

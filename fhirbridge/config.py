@@ -46,6 +46,9 @@ class EhrSettings(BaseModel):
     fhir_url: str = ""  # the EHR's FHIR R4 base; empty = no EHR
     bearer_token: str = ""
     timeout_seconds: float = 15.0
+    # how often to re-read stored patients at the EHR for merges (replaced-by) and demographic
+    # changes; 0 = never (an upload that follows a replaced-by link still triggers it)
+    recheck_seconds: float = 3600.0
     # absolute attachment URLs fhirbridge may fetch (scheme://host[:port]/path-prefix); the
     # EHR base (fhir_url) is always allowed
     attachment_url_allowlist: list[str] = Field(default_factory=list)

@@ -61,3 +61,15 @@ def retry_job(job_id: int, request: Request) -> JSONResponse:
     if not services_of(request).queue.retry(job_id):
         raise FhirError(404, "not-found", "no failed job with that id")
     return JSONResponse({"id": job_id, "state": "queued"})
+
+
+@router.post("/admin/ehr-recheck")
+def ehr_recheck(request: Request) -> JSONResponse:
+    """Re-read every stored patient at the EHR now (merges, demographic changes)."""
+    from fhirbridge.pipeline.ehr_recheck import schedule_recheck
+
+    svc = services_of(request)
+    if svc.ehr is None:
+        raise FhirError(409, "business-rule", "no EHR is configured")
+    queued = schedule_recheck(svc.pipeline)
+    return JSONResponse({"queued": queued}, status_code=202)

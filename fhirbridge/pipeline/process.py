@@ -44,12 +44,13 @@ from fhirbridge.media.kinds import (
 from fhirbridge.media.sniff import content_type_matches, sniff_content_type
 from fhirbridge.pipeline.intake import UPLOAD_JOB
 from fhirbridge.pipeline.patient import PatientResolver, identifier_in_domains
-from fhirbridge.pipeline.queue import ClaimedJob, JobQueue
+from fhirbridge.pipeline.queue import ClaimedJob, JobQueue, enqueue
 from fhirbridge.store.db import Database
 from fhirbridge.store.models import ImagingStudyRecord, StoredInstance, Submission, Task, utcnow
 
 log = logging.getLogger("fhirbridge.pipeline")
 
+EHR_RECHECK_JOB = "ehr-recheck"  # handled by fhirbridge.pipeline.ehr_recheck
 FHIR_GENDER_TO_DICOM = {"male": "M", "female": "F", "other": "O"}
 
 
@@ -158,6 +159,11 @@ class Pipeline:
         else:
             assert isinstance(verdict, Matched)
             patient = verdict.patient
+        if desc.claim.reference and patient.ref != desc.claim.reference:
+            # the subject was merged into a survivor at the EHR: what we stored under the
+            # subsumed Patient must follow (fhirbridge.pipeline.ehr_recheck)
+            with self.db.transaction() as s:
+                enqueue(s, EHR_RECHECK_JOB, "some", {"refs": [desc.claim.reference]})
         demographics = self.demographics(patient)
         if demographics is None:
             self._hold_reason(job, task.id, "no-identifier-in-domain",

@@ -169,3 +169,76 @@ def test_listener_survives_garbage(service, tmp_path):
         assert b"MSA|AR" in reply
     acks = send(service, tmp_path, adt("A08", "PID|1||X1^^^HOSP^MR||Doe^Jane||19800101|F"))
     assert "MSA|AA" in acks
+
+
+def test_merge_made_only_at_the_ehr_reaches_the_pacs(service, orthanc, fhir_server):
+    """No ADT at all: the EHR links the subsumed Patient `replaced-by` the survivor, and
+    later renames the survivor; the recheck moves and renames what was stored."""
+    ehr = httpx.Client(base_url=fhir_server.base_url, timeout=10,
+                       headers={"Content-Type": "application/fhir+json"})
+    tag = uuid.uuid4().hex[:6].upper()
+    old_mrn, new_mrn = f"EOLD{tag}", f"ENEW{tag}"
+    old = ehr.post("/Patient", json={"resourceType": "Patient", "identifier": [
+        {"system": MRN_SYSTEM, "value": old_mrn}], "name": [{"family": "Nakamura",
+        "given": ["Yūki"]}], "birthDate": "1988-02-29", "gender": "other"}).json()
+    new = ehr.post("/Patient", json={"resourceType": "Patient", "identifier": [
+        {"system": MRN_SYSTEM, "value": new_mrn}], "name": [{"family": "Nakamura",
+        "given": ["Yuki"]}], "birthDate": "1988-02-29", "gender": "other"}).json()
+    _, study = completed(service, service.post_media(media_for(old, unique_photo())))
+    sop = study["series"][0]["instance"][0]["uid"]
+    uid = study["identifier"][0]["value"].removeprefix("urn:oid:")
+
+    old_merged = dict(old, active=False, link=[{"other": {"reference": f"Patient/{new['id']}"},
+                                                "type": "replaced-by"}])
+    assert ehr.put(f"/Patient/{old['id']}", json=old_merged).status_code == 200
+    assert service.client.post("/admin/ehr-recheck").status_code == 202
+
+    def moved() -> bool:
+        ids = orthanc.find_instances(sop)
+        if len(ids) != 1:
+            return False
+        ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(ids[0])))
+        return ds.PatientID == new_mrn and old_mrn not in orthanc.patients_ids()
+
+    wait_for(moved, what="Orthanc to list the image under the EHR's survivor")
+    wait_for(lambda: ehr_search(fhir_server, "ImagingStudy?identifier=urn:dicom:uid|"
+                                f"urn:oid:{uid}")[0]["subject"]["reference"]
+             == f"Patient/{new['id']}", what="ImagingStudy.subject to move")
+
+    renamed = dict(new, name=[{"family": "Nakamura-Berg", "given": ["Yuki"]}])
+    assert ehr.put(f"/Patient/{new['id']}", json=renamed).status_code == 200
+    assert service.client.post("/admin/ehr-recheck").status_code == 202
+
+    def renamed_in_pacs() -> bool:
+        ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(orthanc.find_instances(sop)[0])))
+        return str(ds.PatientName) == "Nakamura-Berg^Yuki"
+
+    wait_for(renamed_in_pacs, what="the EHR's name change in Orthanc")
+
+
+def test_upload_through_a_merged_reference_moves_earlier_images(service, orthanc,
+                                                                  fhir_server):
+    """A later upload names the subsumed Patient: it is stored under the survivor, and the
+    earlier images stored under the subsumed Patient follow without waiting for a recheck."""
+    ehr = httpx.Client(base_url=fhir_server.base_url, timeout=10,
+                       headers={"Content-Type": "application/fhir+json"})
+    tag = uuid.uuid4().hex[:6].upper()
+    old = ehr.post("/Patient", json={"resourceType": "Patient", "identifier": [
+        {"system": MRN_SYSTEM, "value": f"UOLD{tag}"}], "name": [{"family": "Dupont",
+        "given": ["Léa"]}], "birthDate": "2001-11-09", "gender": "female"}).json()
+    new = ehr.post("/Patient", json={"resourceType": "Patient", "identifier": [
+        {"system": MRN_SYSTEM, "value": f"UNEW{tag}"}], "name": [{"family": "Dupont",
+        "given": ["Léa"]}], "birthDate": "2001-11-09", "gender": "female"}).json()
+    _, first = completed(service, service.post_media(media_for(old, unique_photo())))
+    sop = first["series"][0]["instance"][0]["uid"]
+    old_merged = dict(old, active=False, link=[{"other": {"reference": f"Patient/{new['id']}"},
+                                                "type": "replaced-by"}])
+    assert ehr.put(f"/Patient/{old['id']}", json=old_merged).status_code == 200
+    _, second = completed(service, service.post_media(media_for(old, unique_photo())))
+    assert second["subject"]["reference"] == f"Patient/{new['id']}"
+
+    def moved() -> bool:
+        ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(orthanc.find_instances(sop)[0])))
+        return ds.PatientID == f"UNEW{tag}"
+
+    wait_for(moved, what="the earlier image to follow the merge")
