@@ -22,6 +22,9 @@ class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 64 * 1024 * 1024  # larger bodies get 413 before they are read
+    # /review and /admin (PHI for reviewers, operator actions): with a token, only requests
+    # bearing it; without one, only clients on loopback
+    admin_token: str = ""
 
 
 class MllpSettings(BaseModel):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 
-from fhirbridge.api.deps import services_of
+from fhirbridge.api.deps import require_operator, services_of
 from fhirbridge.api.responses import fhir_response
 from fhirbridge.fhir.capability import capability_statement
 from fhirbridge.fhir.outcome import FhirError
@@ -46,7 +46,7 @@ def metadata() -> Response:
     return fhir_response(capability_statement())
 
 
-@router.get("/admin/jobs")
+@router.get("/admin/jobs", dependencies=[Depends(require_operator)])
 def list_jobs(request: Request, state: str = "failed") -> JSONResponse:
     with services_of(request).db.session() as s:
         jobs = list(s.scalars(select(Job).where(Job.state == state).order_by(Job.id).limit(1000)))
@@ -56,14 +56,14 @@ def list_jobs(request: Request, state: str = "failed") -> JSONResponse:
                          for j in jobs])
 
 
-@router.post("/admin/jobs/{job_id}/retry")
+@router.post("/admin/jobs/{job_id}/retry", dependencies=[Depends(require_operator)])
 def retry_job(job_id: int, request: Request) -> JSONResponse:
     if not services_of(request).queue.retry(job_id):
         raise FhirError(404, "not-found", "no failed job with that id")
     return JSONResponse({"id": job_id, "state": "queued"})
 
 
-@router.post("/admin/ehr-recheck")
+@router.post("/admin/ehr-recheck", dependencies=[Depends(require_operator)])
 def ehr_recheck(request: Request) -> JSONResponse:
     """Re-read every stored patient at the EHR now (merges, demographic changes)."""
     from fhirbridge.pipeline.ehr_recheck import schedule_recheck

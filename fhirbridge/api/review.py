@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from fhirbridge.api.deps import services_of
+from fhirbridge.api.deps import require_operator, services_of
 from fhirbridge.fhir.outcome import FhirError
 from fhirbridge.pipeline.review import ReviewError, decide, decisions_for, list_held
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_operator)])
 
 
 class Decision(BaseModel):
@@ -26,6 +26,7 @@ class Decision(BaseModel):
 def held(request: Request) -> list[dict[str, Any]]:
     return [{"task": f"Task/{h.task_id}", "focus": h.focus, "reason": h.reason_code,
              "detail": h.reason_text, "candidates": h.candidates,
+             "selfReported": h.self_reported, "subject": h.subject,
              "held_since": h.held_since.isoformat()} for h in list_held(services_of(request).db)]
 
 

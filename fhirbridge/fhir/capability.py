@@ -48,6 +48,14 @@ def capability_statement() -> dict[str, Any]:
                     "interaction": [{"code": "create"}, {"code": "read"}],
                 },
                 {
+                    "type": "Binary",
+                    "documentation": "Raw bytes with their Content-Type (streamed to disk; no "
+                                     "base64), or a Binary resource in JSON; then referenced "
+                                     "from an attachment url as Binary/{id}. Read returns the "
+                                     "raw content.",
+                    "interaction": [{"code": "create"}, {"code": "read"}],
+                },
+                {
                     "type": "Task",
                     "interaction": [{"code": "read"}, {"code": "search-type"}],
                     "searchParam": [

@@ -211,3 +211,17 @@ def _strs(items: Any) -> list[str]:
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def review_summary(record: PatientRecord | SelfReported) -> dict[str, object]:
+    """What a reviewer compares (PHI: only for the review queue, never for logs or Tasks)."""
+    out: dict[str, object] = {
+        "names": [{"family": n.family, "given": list(n.given)} for n in record.names],
+        "birthDate": record.birth_date or "",
+        "gender": record.sex or "",
+        "identifiers": [{"system": i.system, "value": i.value} for i in record.identifiers],
+    }
+    if isinstance(record, PatientRecord):
+        out = {"ref": record.ref, "source": record.source, "active": record.active,
+               "replacedBy": record.replaced_by or "", **out}
+    return out

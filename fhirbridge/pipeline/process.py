@@ -35,7 +35,7 @@ from fhirbridge.fhir.imagingstudy import (
 from fhirbridge.fhir.documentreference import describe_document_reference
 from fhirbridge.fhir.media import describe_media
 from fhirbridge.fhir.upload import UploadDescription
-from fhirbridge.identity.model import PatientRecord
+from fhirbridge.identity.model import PatientRecord, review_summary
 from fhirbridge.identity.policy import Held, Matched
 from fhirbridge.media.errors import MediaError
 from fhirbridge.media.kinds import (
@@ -168,7 +168,7 @@ class Pipeline:
         if demographics is None:
             self._hold_reason(job, task.id, "no-identifier-in-domain",
                               "the matched patient has no identifier in a configured domain",
-                              [patient.ref])
+                              [review_summary(patient)])
             return "held"
 
         if sub.replaces_id and self._replaces_other_patient(sub.replaces_id, patient.ref):
@@ -406,15 +406,18 @@ class Pipeline:
     # -- task state ------------------------------------------------------------------------
     def _hold(self, job: ClaimedJob, task_id: str, verdict: Held) -> None:
         self._hold_reason(job, task_id, verdict.reason.value, verdict.detail,
-                          [c.ref for c in verdict.candidates])
+                          [review_summary(c) for c in verdict.candidates])
 
     def _hold_reason(self, job: ClaimedJob, task_id: str, code: str, text: str,
-                     candidates: list[str]) -> None:
+                     candidates: list[dict[str, Any]]) -> None:
+        """On hold for a person; the candidates (with their demographics, for the reviewer)
+        are kept with the Task but never shown in it."""
+        unique = {c["ref"]: c for c in candidates}
         with self.db.transaction() as s:
             t = s.get(Task, task_id)
             assert t is not None
             t.status, t.reason_code, t.reason_text = "on-hold", code, text
-            t.candidates_json = json.dumps(sorted(set(candidates)))
+            t.candidates_json = json.dumps([unique[k] for k in sorted(unique)])
             self.queue.complete(s, job, state="held")
 
     def _confirmed_record(self, confirmed: dict[str, Any], verdict: Any) -> PatientRecord:

@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 
 from fhirbridge.pipeline.intake import UPLOAD_JOB
+from fhirbridge.pipeline.process import describe_upload
 from fhirbridge.pipeline.queue import enqueue
 from fhirbridge.store.db import Database
-from fhirbridge.store.models import ReviewDecision, Task
+from fhirbridge.identity.model import review_summary
+from fhirbridge.store.models import ReviewDecision, Submission, Task
 
 
 class ReviewError(Exception):
@@ -30,16 +33,30 @@ class HeldItem:
     focus: str
     reason_code: str
     reason_text: str
-    candidates: list[str]
+    candidates: list[dict[str, Any]]  # review_summary of each candidate (PHI)
+    self_reported: dict[str, Any] | None  # what the patient typed (PHI), evidence only
+    subject: dict[str, Any]  # the upload's subject as sent
     held_since: datetime
 
 
 def list_held(db: Database) -> list[HeldItem]:
     with db.session() as s:
-        tasks = list(s.scalars(select(Task).where(Task.status == "on-hold")
-                               .order_by(Task.last_modified)))
-    return [HeldItem(t.id, t.focus, t.reason_code, t.reason_text,
-                     json.loads(t.candidates_json or "[]"), t.last_modified) for t in tasks]
+        rows = list(s.execute(select(Task, Submission)
+                              .join(Submission, Submission.id == Task.submission_id)
+                              .where(Task.status == "on-hold").order_by(Task.last_modified)))
+    items = []
+    for t, sub in rows:
+        resource = json.loads(sub.resource_json)
+        try:
+            reported = describe_upload(sub.resource_type, resource).self_reported
+        except Exception:  # noqa: BLE001 - a stored upload that no longer parses
+            reported = None
+        cands = [c if isinstance(c, dict) else {"ref": c}
+                 for c in json.loads(t.candidates_json or "[]")]
+        items.append(HeldItem(t.id, t.focus, t.reason_code, t.reason_text, cands,
+                              review_summary(reported) if reported is not None else None,
+                              resource.get("subject") or {}, t.last_modified))
+    return items
 
 
 def decide(db: Database, task_id: str, *, decision: str, reviewer: str, patient_ref: str = "",
