@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4, help="worker threads in `serve`")
     ap.add_argument("--worker-processes", type=int, default=0,
                     help="extra `fhirbridge worker` processes on the same database")
+    ap.add_argument("--py-spy", default="", help="record the service with py-spy during "
+                    "phase 1 into this collapsed-stack file (needs `pip install py-spy`)")
     ap.add_argument("--create-dicom-n", type=int, default=40)
     args = ap.parse_args()
     require_tools()
@@ -97,6 +100,13 @@ def main() -> None:
             bodies = [media(unique(photo, i), patient_id) for i in range(args.n)]
 
             # 1. fhirbridge: first POST to last Task completed
+            spy = None
+            if args.py_spy:
+                spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "--pid",
+                                        str(svc.proc.pid), "--rate", "250", "--format", "raw",
+                                        "-o", args.py_spy, "--nonblocking"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
             client = httpx.Client(base_url=svc.base, timeout=60)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
@@ -112,6 +122,9 @@ def main() -> None:
                     break
                 time.sleep(0.1)
             t_fb = time.perf_counter() - t0
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(30)
             failed = client.get("/fhir/Task", params={"status": "failed,on-hold"}).json()["total"]
             rate_fb = args.n / t_fb
             print(f"fhirbridge  : {rate_fb:6.1f} images/s  ({args.n} in {t_fb:.1f} s; all POSTs "

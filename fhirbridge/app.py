@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from fhirbridge.adapters.attachments import AttachmentFetcher
 from fhirbridge.adapters.blobs import BlobStore
 from fhirbridge.adapters.ehr import FhirEhr
 from fhirbridge.adapters.pacs import Pacs, open_pacs
@@ -29,6 +30,7 @@ from fhirbridge.pipeline.patient import PatientResolver
 from fhirbridge.pipeline.process import Pipeline, PipelineOptions
 from fhirbridge.pipeline.queue import JobQueue
 from fhirbridge.store.db import Database
+from fhirbridge.store.models import BinaryRecord
 from fhirbridge.store.patient_index import PatientIndex
 
 log = logging.getLogger("fhirbridge")
@@ -68,10 +70,6 @@ class Services:
                              probe_video=probe_video_or_none(), own_base=self.settings.fhir_base_url)
 
     def local_binary(self, binary_id: str) -> StagedBlob | None:
-        try:
-            from fhirbridge.store.models import BinaryRecord  # type: ignore[attr-defined]
-        except ImportError:
-            return None
         with self.db.session() as s:
             rec = s.get(BinaryRecord, binary_id)
         if rec is None:
@@ -83,6 +81,8 @@ class Services:
         return bool(fetcher is not None and fetcher.is_allowed(url))
 
     def close(self) -> None:
+        if self.pipeline.fetcher is not None:
+            self.pipeline.fetcher.close()
         self.pacs.close()
         if self.ehr is not None:
             self.ehr.close()
@@ -122,9 +122,16 @@ def build_services(settings: Settings) -> Services:
         wado_rs_url=wado,
         limits=settings.media.limits(),
     ))
+    services_ref: list[Services] = []
+    pipeline.fetcher = AttachmentFetcher(
+        settings.ehr.fhir_url, settings.ehr.bearer_token, settings.ehr.attachment_url_allowlist,
+        lambda binary_id: services_ref[0].local_binary(binary_id),
+        timeout=settings.ehr.timeout_seconds, max_bytes=settings.media.max_binary_bytes)
     pipeline.handlers[RECONCILE_JOB] = partial(reconcile, pipeline)
     pipeline.handlers[EHR_RECHECK_JOB] = partial(recheck, pipeline)
-    return Services(settings, db, queue, blobs, pacs, ehr, pipeline, index)
+    services = Services(settings, db, queue, blobs, pacs, ehr, pipeline, index)
+    services_ref.append(services)
+    return services
 
 
 class Workers:

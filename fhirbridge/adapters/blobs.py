@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 import uuid
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 _TMP_PREFIX = ".upload-"
 _BATCH_BYTES = 1024 * 1024  # put_stream hands writes to a thread in batches of about this size
+T = TypeVar("T")
 
 
 class BlobTooLarge(Exception):
@@ -53,6 +56,15 @@ class BlobStore:
         writer = _Writer(self.root, max_bytes)
         batch: list[bytes] = []
         pending = 0
+        in_thread = False  # a write or the commit is running in a worker thread
+
+        async def flush(fn: Callable[..., T], *args: Any) -> T:
+            nonlocal in_thread
+            in_thread = True
+            result = await asyncio.to_thread(fn, *args)
+            in_thread = False
+            return result
+
         try:
             if isinstance(chunks, AsyncIterable):
                 async for chunk in chunks:
@@ -61,7 +73,7 @@ class BlobStore:
                         batch.append(chunk)
                         pending += len(chunk)
                     if pending >= _BATCH_BYTES:
-                        await asyncio.to_thread(writer.write_all, batch)
+                        await flush(writer.write_all, batch)
                         batch, pending = [], 0
             else:
                 for chunk in chunks:
@@ -70,15 +82,18 @@ class BlobStore:
                         batch.append(chunk)
                         pending += len(chunk)
                     if pending >= _BATCH_BYTES:
-                        await asyncio.to_thread(writer.write_all, batch)
+                        await flush(writer.write_all, batch)
                         batch, pending = [], 0
             if batch:
-                await asyncio.to_thread(writer.write_all, batch)
+                await flush(writer.write_all, batch)
             batch = []
-            return await asyncio.to_thread(writer.commit)
+            return await flush(writer.commit)
         finally:
             # also on cancellation (client disconnect) and on errors raised by the iterator
-            writer.discard()
+            if in_thread:  # cancelled while a thread works on the file: discard after it
+                asyncio.get_running_loop().run_in_executor(None, writer.discard)
+            else:
+                writer.discard()
 
     def put_iter(self, chunks: Iterable[bytes], *, max_bytes: int) -> tuple[str, str, int]:
         """`put_stream` for blocking code (worker threads): same result, same guarantees."""
@@ -108,6 +123,7 @@ class _Writer:
         self.hash = hashlib.sha256()
         self.tmp: Path | None = root / f"{_TMP_PREFIX}{uuid.uuid4().hex}.tmp"
         self.fh = open(self.tmp, "xb")  # noqa: SIM115 - closed in commit/discard
+        self.lock = threading.Lock()  # discard waits for a write or commit in progress
 
     def count(self, n: int) -> None:
         self.size += n
@@ -115,11 +131,19 @@ class _Writer:
             raise BlobTooLarge(self.max_bytes)
 
     def write_all(self, chunks: Iterable[bytes]) -> None:
+        with self.lock:
+            self._write_all(chunks)
+
+    def _write_all(self, chunks: Iterable[bytes]) -> None:
         for chunk in chunks:
             self.hash.update(chunk)
             self.fh.write(chunk)
 
     def commit(self) -> tuple[str, str, int]:
+        with self.lock:
+            return self._commit()
+
+    def _commit(self) -> tuple[str, str, int]:
         assert self.tmp is not None
         self.fh.flush()
         os.fsync(self.fh.fileno())
@@ -137,6 +161,10 @@ class _Writer:
         return rel, digest, self.size
 
     def discard(self) -> None:
+        with self.lock:
+            self._discard()
+
+    def _discard(self) -> None:
         if not self.fh.closed:
             self.fh.close()
         if self.tmp is not None:

@@ -17,7 +17,6 @@ is free text written by whatever made the PDF and may hold the patient's name or
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import dataclass
 
 from fhirbridge.media.errors import NOT_DECODABLE, TOO_LARGE, TRUNCATED, TYPE_MISMATCH, MediaError
@@ -66,44 +65,38 @@ def prepare_pdf(data: bytes, *, max_bytes: int = DEFAULT_MAX_PDF_BYTES) -> Prepa
     check_pdf(data, max_bytes=max_bytes)
 
     from pypdf import PdfReader
-    from pypdf.errors import DependencyError, PdfReadError
+    from pypdf.errors import DependencyError
 
-    # pypdf logs recoverable problems at WARNING with strict=False; they say nothing useful to
-    # an operator and are quietened here for the duration of the read.
-    pypdf_log = logging.getLogger("pypdf")
-    level = pypdf_log.level
-    pypdf_log.setLevel(logging.ERROR)
+    # pypdf (strict=False) logs what it repairs at WARNING on the "pypdf" logger: object
+    # numbers and offsets, never document text.
     try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+    except (DependencyError, NotImplementedError):
+        raise MediaError(NOT_DECODABLE, "PDF is encrypted") from None
+    except Exception:  # noqa: BLE001 - pypdf raises many kinds on damaged files
+        raise MediaError(NOT_DECODABLE, "PDF could not be read") from None
+    encrypted = bool(reader.is_encrypted)
+    if encrypted:
         try:
-            reader = PdfReader(io.BytesIO(data), strict=False)
-        except (DependencyError, NotImplementedError):
-            raise MediaError(NOT_DECODABLE, "PDF is encrypted") from None
-        except Exception:  # noqa: BLE001 - pypdf raises many kinds on damaged files
-            raise MediaError(NOT_DECODABLE, "PDF could not be read") from None
-        encrypted = bool(reader.is_encrypted)
-        if encrypted:
-            try:
-                opened = reader.decrypt("")
-            except Exception:  # noqa: BLE001 - DependencyError (no AES), bad handler, ...
-                opened = 0
-            if not opened:
-                raise MediaError(NOT_DECODABLE, "PDF is encrypted")
-        try:
-            pages = len(reader.pages)
-        except (DependencyError, NotImplementedError):
-            raise MediaError(NOT_DECODABLE, "PDF is encrypted") from None
-        except (PdfReadError, Exception):  # noqa: BLE001
-            raise MediaError(NOT_DECODABLE, "PDF could not be read (no page tree)") from None
-        if pages < 1:
-            raise MediaError(NOT_DECODABLE, "PDF has no pages")
+            opened = reader.decrypt("")
+        except Exception:  # noqa: BLE001 - DependencyError (no AES), bad handler, ...
+            opened = 0
+        if not opened:
+            raise MediaError(NOT_DECODABLE, "PDF is encrypted")
+    try:
+        pages = len(reader.pages)
+    except (DependencyError, NotImplementedError):
+        raise MediaError(NOT_DECODABLE, "PDF is encrypted") from None
+    except Exception:  # noqa: BLE001 - PdfReadError and pypdf's other failures
+        raise MediaError(NOT_DECODABLE, "PDF could not be read (no page tree)") from None
+    if pages < 1:
+        raise MediaError(NOT_DECODABLE, "PDF has no pages")
+    title = ""
+    try:
+        meta = reader.metadata
+        if meta is not None and meta.title:
+            title = " ".join(str(meta.title).split())[:256]
+    except Exception:  # noqa: BLE001 - a broken Info dictionary is not a reason to refuse
         title = ""
-        try:
-            meta = reader.metadata
-            if meta is not None and meta.title:
-                title = " ".join(str(meta.title).split())[:256]
-        except Exception:  # noqa: BLE001 - a broken Info dictionary is not a reason to refuse
-            title = ""
-    finally:
-        pypdf_log.setLevel(level)
     return PreparedPdf(data=data, page_count=pages, title=title, version=_version(data),
                        encrypted=encrypted)

@@ -40,7 +40,7 @@ def reconcile(pipeline: Pipeline, job: ClaimedJob) -> str:
             StoredInstance.patient_id.in_(sorted({v for _, v in wanted}))))
             if (r.issuer, r.patient_id) in wanted]
     if not rows:
-        with pipeline.db.transaction() as s:
+        with pipeline.db.transaction(durable=False) as s:
             pipeline.queue.complete(s, job)
         return "done"
     verdict = pipeline.resolver.resolve(SubjectClaim(reference=None, identifier=new), None)
@@ -66,7 +66,7 @@ def reconcile(pipeline: Pipeline, job: ClaimedJob) -> str:
         for _, _, _, path in corrected:
             path.with_suffix(".new").replace(path)
     studies: dict[str, list[int]] = defaultdict(list)
-    with pipeline.db.transaction() as s:
+    with pipeline.db.transaction(durable=False) as s:
         for row in rows:
             r = s.get(StoredInstance, row.id)
             assert r is not None
@@ -76,7 +76,7 @@ def reconcile(pipeline: Pipeline, job: ClaimedJob) -> str:
             studies[r.study_instance_uid].append(r.id)
     for study_uid in studies:
         pipeline.write_back_study(study_uid, patient)
-    with pipeline.db.transaction() as s:
+    with pipeline.db.transaction(durable=False) as s:
         pipeline.queue.complete(s, job)
     return "done"
 

@@ -28,7 +28,7 @@ log = logging.getLogger("fhirbridge.pipeline")
 
 def schedule_recheck(pipeline: Pipeline, refs: list[str] | None = None) -> bool:
     """Queue one recheck (all patients, or only `refs`) unless one for all is pending."""
-    with pipeline.db.transaction() as s:
+    with pipeline.db.transaction(durable=False) as s:
         if refs is None:
             pending = s.scalar(select(Job.id).where(
                 Job.kind == EHR_RECHECK_JOB, Job.subject_id == "all",
@@ -52,7 +52,7 @@ def recheck(pipeline: Pipeline, job: ClaimedJob) -> str:
             stored_refs = [r for r in s.scalars(query) if r.startswith("Patient/")]
         for ref in stored_refs:
             check_patient(pipeline, ref)  # EhrUnavailable: the job is retried
-    with pipeline.db.transaction() as s:
+    with pipeline.db.transaction(durable=False) as s:
         pipeline.queue.complete(s, job)
     return "done"
 
@@ -90,7 +90,7 @@ def check_patient(pipeline: Pipeline, ref: str) -> bool:
                         if r.issuer in system_of}, key=lambda i: (i.system, i.value)))
     if not old:
         return False
-    with pipeline.db.transaction() as s:
+    with pipeline.db.transaction(durable=False) as s:
         enqueue_correction(s, old, new, reason)
     return True
 

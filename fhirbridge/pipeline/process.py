@@ -19,6 +19,7 @@ from typing import Any, Callable
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
+from fhirbridge.adapters.attachments import AttachmentRefused, AttachmentUnavailable
 from fhirbridge.adapters.blobs import BlobStore, write_durably
 from fhirbridge.adapters.ehr import EhrRefused, EhrUnavailable, FhirEhr
 from fhirbridge.adapters.pacs import Pacs, PacsError
@@ -100,7 +101,7 @@ class Pipeline:
             # 'lost': our lease expired and another worker owns the job now; it reports.
             if self.queue.fail(job, f"{exc.code}: {exc.text}", retryable=False) != "lost":
                 self._set_task_for(job, "failed", exc.code, exc.text)
-        except (EhrUnavailable, PacsError, OSError) as exc:
+        except (EhrUnavailable, PacsError, AttachmentUnavailable, OSError) as exc:
             retryable = getattr(exc, "retryable", True)
             state = self.queue.fail(job, f"{type(exc).__name__}: {exc}", retryable=retryable)
             log.warning("job %s attempt %s failed (%s); now %s", job.id, job.attempts,
@@ -162,7 +163,7 @@ class Pipeline:
         if desc.claim.reference and patient.ref != desc.claim.reference:
             # the subject was merged into a survivor at the EHR: what we stored under the
             # subsumed Patient must follow (fhirbridge.pipeline.ehr_recheck)
-            with self.db.transaction() as s:
+            with self.db.transaction(durable=False) as s:
                 enqueue(s, EHR_RECHECK_JOB, "some", {"refs": [desc.claim.reference]})
         demographics = self.demographics(patient)
         if demographics is None:
@@ -199,7 +200,7 @@ class Pipeline:
             self.pacs.store([ds for _, _, ds, _ in built])
 
         # 5. ImagingStudy: at the EHR (conditional update), then ours, then Task completed
-        with self.db.transaction() as s:
+        with self.db.transaction(durable=False) as s:
             for att, ctx, ds, path in built:
                 inst = s.scalar(select(StoredInstance).where(
                     StoredInstance.sop_instance_uid == ctx.sop_instance_uid))
@@ -227,7 +228,7 @@ class Pipeline:
             study_ref = study_ref or ref
         code, text = ("duplicate", "the same content was already stored for this patient; "
                       "the stored instance is reused") if reused and not built else ("", "")
-        with self.db.transaction() as s:
+        with self.db.transaction(durable=False) as s:
             t = s.get(Task, task.id)
             assert t is not None
             t.status, t.reason_code, t.reason_text = "completed", code, text
@@ -250,13 +251,16 @@ class Pipeline:
             if self.fetcher is None:
                 raise Permanent("attachment-unavailable", "attachment URLs cannot be fetched: "
                                 "no EHR is configured")
-            rel, digest, size, _ctype = self.fetcher.fetch(att["url"], self.blobs)
+            try:
+                rel, digest, size, _ctype = self.fetcher.fetch(att["url"], self.blobs)
+            except AttachmentRefused as exc:
+                raise Permanent(f"attachment-{exc.code}", exc.text) from None
             head = self.blobs.path(rel).open("rb").read(4096)
             if not content_type_matches(att["content_type"], sniff_content_type(head)):
                 raise Permanent("type-mismatch", "the fetched attachment is not "
                                 f"{att['content_type']}")
             att.update(blob_path=rel, sha256=digest, size=size)
-            with self.db.transaction() as s:
+            with self.db.transaction(durable=False) as s:
                 row = s.get(Submission, submission_id)
                 if row is not None:
                     stored = json.loads(row.attachments_json or "[]")
@@ -394,7 +398,7 @@ class Pipeline:
                 raise Permanent("ehr-refused", str(exc)) from None
         patient_key = subject.get("reference") or (
             f"{subject['identifier']['system']}|{subject['identifier']['value']}")
-        with self.db.transaction() as s:
+        with self.db.transaction(durable=False) as s:
             rec = s.get(ImagingStudyRecord, local_id)
             if rec is None:
                 rec = ImagingStudyRecord(id=local_id, study_instance_uid=study_instance_uid)
@@ -413,7 +417,7 @@ class Pipeline:
         """On hold for a person; the candidates (with their demographics, for the reviewer)
         are kept with the Task but never shown in it."""
         unique = {c["ref"]: c for c in candidates}
-        with self.db.transaction() as s:
+        with self.db.transaction(durable=False) as s:
             t = s.get(Task, task_id)
             assert t is not None
             t.status, t.reason_code, t.reason_text = "on-hold", code, text
@@ -443,7 +447,7 @@ class Pipeline:
         return index.get(ref) if index is not None else None
 
     def _set_task(self, task_id: str, status: str, code: str = "", text: str = "") -> None:
-        with self.db.transaction() as s:
+        with self.db.transaction(durable=False) as s:
             t = s.get(Task, task_id)
             if t is not None:
                 t.status, t.reason_code, t.reason_text = status, code, text
@@ -451,7 +455,7 @@ class Pipeline:
     def _set_task_for(self, job: ClaimedJob, status: str, code: str, text: str) -> None:
         if job.kind != UPLOAD_JOB:
             return
-        with self.db.transaction() as s:
+        with self.db.transaction(durable=False) as s:
             t = s.scalar(select(Task).where(Task.submission_id == job.subject_id))
             if t is not None:
                 t.status, t.reason_code, t.reason_text = status, code, text[:500]

@@ -58,7 +58,16 @@ class JobQueue:
             (Job.state == "queued") & (Job.next_attempt_at <= now),
             (Job.state == "running") & (Job.lease_expires_at < now),
         )
-        with self.db.transaction() as s:
+        if self.db.is_sqlite:
+            # Look before taking the write lock: an idle poll is a read (WAL readers never
+            # block or wait for the writer), so idle workers don't queue behind intake.
+            with self.db.session() as s:
+                peek = select(Job.id).where(due)
+                if kinds:
+                    peek = peek.where(Job.kind.in_(kinds))
+                if s.execute(peek.limit(1)).first() is None:
+                    return None
+        with self.db.transaction(durable=False) as s:
             q = select(Job.id).where(due)
             if kinds:
                 q = q.where(Job.kind.in_(kinds))
@@ -95,7 +104,7 @@ class JobQueue:
     def fail(self, job: ClaimedJob, error: str, *, retryable: bool = True) -> str:
         """Schedule a retry with exponential back-off and jitter, or give up: 'failed'.
         'lost' when the lease expired and another worker claimed the job (nothing changed)."""
-        with self.db.transaction() as s:
+        with self.db.transaction(durable=False) as s:
             if retryable and job.attempts < self.max_attempts:
                 delay = min(self.backoff_max, self.backoff_base * 2 ** (job.attempts - 1))
                 delay *= random.uniform(0.8, 1.2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     ForeignKey,
     Index,
@@ -204,7 +205,6 @@ class ReviewDecision(Base):
     decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-from sqlalchemy import BigInteger  # noqa: E402  (sizes over 2 GiB; move to the imports above)
 
 
 class BinaryRecord(Base):

@@ -280,3 +280,37 @@ def test_pdf_declared_as_jpeg_is_refused(svc, patient):
              document(patient, attachment(tiny_pdf(), "image/jpeg")))
     assert r.status_code == 415, r.text
     assert "application/pdf" in r.text
+
+
+def test_attachment_by_url_of_a_binary_posted_first(svc, orthanc, patient):
+    photo = unique_photo()
+    r = svc.client.post("/fhir/Binary", content=photo, headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 201, r.text
+    binary_id = r.json()["id"]
+    m = media(patient, photo)
+    m["content"] = {"contentType": "image/jpeg", "url": f"Binary/{binary_id}"}
+    created = post(svc, "/fhir/Media", m)
+    assert created.status_code == 201, created.text
+    _, study = done(svc, f"Media/{created.json()['id']}")
+    ds = stored(orthanc, study["series"][0]["instance"][0]["uid"])
+    assert ds.PatientID == patient["identifier"][0]["value"]
+
+
+def test_attachment_url_off_the_allow_list_is_refused(svc, patient):
+    m = media(patient, unique_photo())
+    m["content"] = {"contentType": "image/jpeg", "url": "https://evil.example/photo.jpg"}
+    before = task_count(svc)
+    r = post(svc, "/fhir/Media", m)
+    assert r.status_code == 422, r.text
+    assert "allow-list" in r.text and "evil" not in r.text
+    assert task_count(svc) == before
+
+
+def test_binary_declared_as_the_wrong_type_in_the_attachment(svc, patient):
+    r = svc.client.post("/fhir/Binary", content=tiny_pdf(),
+                        headers={"Content-Type": "application/pdf"})
+    assert r.status_code == 201, r.text
+    m = media(patient, unique_photo())
+    m["content"] = {"contentType": "image/jpeg", "url": f"Binary/{r.json()['id']}"}
+    refused = post(svc, "/fhir/Media", m)
+    assert refused.status_code == 415, refused.text

@@ -1,0 +1,338 @@
+"""Fetching FHIR Attachment.url content into the blob store, only from places we trust.
+
+FHIR R4 Attachment.url (datatypes.html#Attachment) and Binary read (http.html#binary): a
+relative `Binary/{id}` is ours first, then the EHR's; an absolute URL only under the EHR base or
+a configured prefix (`ehr.attachment_url_allowlist`). URLs are compared after RFC 3986
+normalisation (6.2.2: case, percent-encoding, dot segments) and the request is built from the
+normalised form, so what was checked is what is sent. Redirects are followed by hand (at most
+three), each hop checked again; the EHR's bearer token goes only to URLs under the EHR base.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from fhirbridge.adapters.blobs import BlobStore, BlobTooLarge
+
+__all__ = ["AttachmentFetcher", "AttachmentRefused", "AttachmentUnavailable", "LocalBinary",
+           "Fetched"]
+
+MAX_REDIRECTS = 3
+MAX_BINARY_JSON_BYTES = 64 * 1024 * 1024  # an EHR answering a Binary read with FHIR JSON
+_LOCAL_BINARY = re.compile(r"^Binary/(?!\.+$)([A-Za-z0-9\-.]{1,64})$")  # FHIR id, not "." or ".."
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_FHIR_JSON = ("application/fhir+json", "application/json")
+
+
+class AttachmentRefused(Exception):
+    """A definite no: not allowed, too large, not found, HTTP 4xx. Retrying will not help.
+
+    `code`: not-allowed | bad-url | too-many-redirects | too-large | not-found | http-error |
+    bad-content. `text` names no URL, query or token (it may be logged and shown).
+    """
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(f"{code}: {text}")
+        self.code = code
+        self.text = text
+
+
+class AttachmentUnavailable(Exception):
+    """Could not fetch now (network, timeout, HTTP 5xx or 429): retry later."""
+
+
+class Fetched(NamedTuple):
+    blob_path: str  # relative to the blob store
+    sha256: str
+    size: int
+    content_type: str  # as the source declared it (normalised), "" when it did not
+
+
+@dataclass(frozen=True)
+class LocalBinary:
+    """A Binary we hold, as `local_binary_resolver` may describe it."""
+
+    blob_path: str
+    content_type: str = ""
+    sha256: str = ""
+    size: int = -1
+
+
+LocalResolver = Callable[[str], "str | LocalBinary | None"]
+
+
+@dataclass(frozen=True)
+class _Url:
+    """An absolute http(s) URL after normalisation; `text` is what is requested."""
+
+    scheme: str
+    host: str  # lower case, no trailing dot; IPv6 without brackets
+    port: int
+    path: str  # starts with "/", dot segments removed, unreserved escapes decoded
+    query: str
+
+    @property
+    def text(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = {"http": 80, "https": 443}[self.scheme]
+        port = "" if self.port == default else f":{self.port}"
+        return f"{self.scheme}://{host}{port}{self.path}" + (f"?{self.query}" if self.query else "")
+
+    def under(self, prefix: _Url) -> bool:
+        """Same scheme, host and port, and the path at or below the prefix's path
+        (segment-wise: /fhir allows /fhir and /fhir/x, never /fhirx)."""
+        if (self.scheme, self.host, self.port) != (prefix.scheme, prefix.host, prefix.port):
+            return False
+        base = prefix.path
+        if base.endswith("/"):
+            return self.path.startswith(base) or self.path == base[:-1]
+        return self.path == base or self.path.startswith(base + "/")
+
+
+class _Refuse(Exception):
+    pass
+
+
+def normalise_url(url: str) -> _Url:
+    """Parse and normalise an absolute http(s) URL; `_Refuse` for anything ambiguous:
+    userinfo (`http://ehr@evil/`), backslashes, controls or spaces, encoded slashes, bad
+    ports, non-http schemes."""
+    if not url or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url) or "\\" in url:
+        raise _Refuse("control characters, spaces or backslashes")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise _Refuse("not an http(s) URL")
+    if "@" in parts.netloc:
+        raise _Refuse("userinfo in URL")
+    try:
+        host = (parts.hostname or "").rstrip(".")
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise _Refuse("bad port") from None
+    if not host or "%" in host:
+        raise _Refuse("bad host")
+    try:
+        host = host.encode("idna").decode("ascii").lower() if not host.isascii() else host.lower()
+    except UnicodeError:
+        raise _Refuse("bad host") from None
+
+    def unescape(m: re.Match[str]) -> str:
+        ch = chr(int(m.group(1), 16))
+        return ch if ch in _UNRESERVED else f"%{m.group(1).upper()}"
+
+    path = _PCT.sub(unescape, parts.path or "/")
+    if re.search(r"%(2F|5C|00)", path):
+        raise _Refuse("encoded slash or NUL in path")
+    return _Url(scheme, host, port, _remove_dot_segments(path), parts.query)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 for an absolute path."""
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        elif seg == ".":
+            if last:
+                out.append("")
+        else:
+            out.append(seg)
+    return "/" + "/".join(out)
+
+
+class AttachmentFetcher:
+    """Fetch attachment URLs into a `BlobStore`, streamed, bounded in size and time.
+
+    Blocking (httpx sync client): call it from a worker thread.
+    """
+
+    def __init__(self, ehr_base_url: str, bearer_token: str,
+                 allowed_url_prefixes: list[str], local_binary_resolver: LocalResolver,
+                 timeout: float = 15.0, max_bytes: int = 2 * 1024 * 1024 * 1024, *,
+                 deadline_seconds: float = 600.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        """`timeout`: connect and each read; `deadline_seconds`: the whole fetch, redirects
+        included (checked as chunks arrive). A prefix that is not an absolute http(s) URL is a
+        configuration error (ValueError)."""
+        self.ehr = normalise_url(ehr_base_url.rstrip("/")) if ehr_base_url else None
+        self.bearer_token = bearer_token
+        prefixes: list[_Url] = []
+        for p in allowed_url_prefixes:
+            try:
+                prefixes.append(normalise_url(p))
+            except _Refuse as exc:
+                raise ValueError(f"ehr.attachment_url_allowlist: invalid entry ({exc})") from None
+        if self.ehr is not None:
+            prefixes.append(self.ehr)
+        self.allowed = tuple(prefixes)
+        self.resolve_local = local_binary_resolver
+        self.max_bytes = max_bytes
+        self.deadline_seconds = deadline_seconds
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=False,
+                                   transport=transport, trust_env=False)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- what may be fetched ----------------------------------------------------------------
+
+    def is_allowed(self, url: str) -> bool:
+        """Whether `fetch_to_blob` would try this URL (for checks at intake time)."""
+        m = _LOCAL_BINARY.match(url)
+        if m:
+            return self.ehr is not None or self.resolve_local(m.group(1)) is not None
+        try:
+            return self._allowed(normalise_url(url))
+        except _Refuse:
+            return False
+
+    def _allowed(self, u: _Url) -> bool:
+        return any(u.under(p) for p in self.allowed)
+
+    def _to_ehr(self, u: _Url) -> bool:
+        return self.ehr is not None and u.under(self.ehr)
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    def fetch_to_blob(self, url: str, blobs: BlobStore) -> Fetched:
+        """The attachment's bytes, durable in `blobs`: (rel path, sha256, size, content type).
+
+        `AttachmentRefused` for a definite no, `AttachmentUnavailable` to retry later."""
+        m = _LOCAL_BINARY.match(url)
+        if m:
+            local = self.resolve_local(m.group(1))
+            if local is not None:
+                return _local(local, blobs)
+            if self.ehr is None:
+                raise AttachmentRefused("not-found", "Binary is not held here and no EHR is "
+                                        "configured")
+            target = normalise_url(f"{self.ehr.text}/Binary/{m.group(1)}")
+        else:
+            if "://" not in url:
+                raise AttachmentRefused("bad-url", "a relative attachment URL must be "
+                                        "Binary/{id}")
+            try:
+                target = normalise_url(url)
+            except _Refuse as exc:
+                raise AttachmentRefused("bad-url", f"attachment URL refused: {exc}") from None
+        if not self._allowed(target):
+            raise AttachmentRefused("not-allowed", "attachment URL is neither under the EHR "
+                                    "base nor on ehr.attachment_url_allowlist")
+        deadline = time.monotonic() + self.deadline_seconds
+        for _hop in range(MAX_REDIRECTS + 1):
+            nxt = self._get(target, blobs, deadline)
+            if isinstance(nxt, Fetched):
+                return nxt
+            try:
+                target = normalise_url(urljoin(target.text, nxt))
+            except _Refuse as exc:
+                raise AttachmentRefused("bad-url", f"redirect refused: {exc}") from None
+            if not self._allowed(target):
+                raise AttachmentRefused("not-allowed", "attachment URL redirects to a place "
+                                        "neither under the EHR base nor on the allow-list")
+        raise AttachmentRefused("too-many-redirects", f"more than {MAX_REDIRECTS} redirects")
+
+    fetch = fetch_to_blob  # the name pipeline.process calls
+
+    def _get(self, target: _Url, blobs: BlobStore, deadline: float) -> Fetched | str:
+        """One request: the stored result, or the Location of a redirect."""
+        # identity: a compressed answer could expand far beyond a chunk before it is counted
+        headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
+        if self._to_ehr(target) and self.bearer_token:
+            headers["Authorization"] = f"Bearer {self.bearer_token}"
+        try:
+            with self.client.stream("GET", target.text, headers=headers) as r:
+                status = r.status_code
+                if r.is_redirect:
+                    return r.headers["location"]
+                if status == 429 or status >= 500:
+                    raise AttachmentUnavailable(f"attachment source answered HTTP {status}")
+                if status in (404, 410):
+                    raise AttachmentRefused("not-found", f"attachment source answered HTTP "
+                                            f"{status}")
+                if status != 200:
+                    raise AttachmentRefused("http-error", f"attachment source answered HTTP "
+                                            f"{status}")
+                ctype = r.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                declared = r.headers.get("content-length")
+                if declared is not None and not r.headers.get("content-encoding"):
+                    try:
+                        if int(declared) > self.max_bytes:
+                            raise AttachmentRefused("too-large", f"attachment is larger than "
+                                                    f"{self.max_bytes} bytes")
+                    except ValueError:
+                        pass
+                chunks = _until(r.iter_bytes(), deadline)
+                if ctype in _FHIR_JSON:
+                    return self._binary_json(chunks, blobs)
+                try:
+                    rel, digest, size = blobs.put_iter(chunks, max_bytes=self.max_bytes)
+                except BlobTooLarge:
+                    raise AttachmentRefused("too-large", f"attachment is larger than "
+                                            f"{self.max_bytes} bytes") from None
+                return Fetched(rel, digest, size, ctype)
+        except httpx.TimeoutException as exc:
+            raise AttachmentUnavailable(f"attachment fetch timed out ({type(exc).__name__})") \
+                from None
+        except httpx.HTTPError as exc:  # connect errors, resets, protocol errors
+            raise AttachmentUnavailable(f"attachment fetch failed ({type(exc).__name__})") \
+                from None
+
+    def _binary_json(self, chunks: Iterator[bytes], blobs: BlobStore) -> Fetched:
+        """The source answered with a FHIR Binary resource (JSON): decode its `data`."""
+        limit = min(MAX_BINARY_JSON_BYTES, self.max_bytes * 4 // 3 + 65536)
+        raw = bytearray()
+        for chunk in chunks:
+            raw += chunk
+            if len(raw) > limit:
+                raise AttachmentRefused("too-large", "Binary resource answered is too large")
+        try:
+            doc = json.loads(bytes(raw))
+            if not isinstance(doc, dict) or doc.get("resourceType") != "Binary":
+                raise ValueError
+            data = base64.b64decode("".join(str(doc.get("data", "")).split()), validate=True)
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise AttachmentRefused("bad-content", "answer is FHIR JSON but no Binary with "
+                                    "base64 data") from None
+        if not data:
+            raise AttachmentRefused("bad-content", "Binary answered has no data")
+        if len(data) > self.max_bytes:
+            raise AttachmentRefused("too-large", f"attachment is larger than {self.max_bytes} "
+                                    "bytes")
+        rel, digest = blobs.put(data)
+        ctype = str(doc.get("contentType") or "").split(";", 1)[0].strip().lower()
+        return Fetched(rel, digest, len(data), ctype)
+
+
+def _until(chunks: Iterator[bytes], deadline: float) -> Iterator[bytes]:
+    for chunk in chunks:
+        if time.monotonic() > deadline:
+            raise AttachmentUnavailable("attachment fetch passed its deadline")
+        yield chunk
+
+
+def _local(local: str | LocalBinary, blobs: BlobStore) -> Fetched:
+    if isinstance(local, str):
+        local = LocalBinary(local)
+    path: Path = blobs.path(local.blob_path)
+    size = local.size if local.size >= 0 else path.stat().st_size
+    digest = local.sha256 or Path(local.blob_path).name  # content-addressed: the name is it
+    return Fetched(local.blob_path, digest, size, local.content_type)
