@@ -103,7 +103,7 @@ def main() -> None:
             spy = None
             if args.py_spy:
                 spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "--pid",
-                                        str(svc.proc.pid), "--rate", "250", "--format", "raw",
+                                        str(svc.proc.pid), "--rate", "250", "--format", "raw", "--idle",
                                         "-o", args.py_spy, "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)

@@ -38,9 +38,10 @@ def prepare_media(source: bytes | Path, content_type: str, limits: MediaLimits) 
         from fhirbridge.media.photo import prepare_photo
 
         data = source.read_bytes() if isinstance(source, Path) else source
-        return PreparedMedia(kind, _call(prepare_photo, data, content_type,
-                                         max_pixels=limits.max_pixels, min_side=limits.min_side,
-                                         uniform_stddev=limits.uniform_stddev))
+        return PreparedMedia(kind, prepare_photo(data, content_type,
+                                                 max_pixels=limits.max_pixels,
+                                                 min_side=limits.min_side,
+                                                 uniform_stddev=limits.uniform_stddev))
     if kind == PDF:
         from fhirbridge.media.pdf import prepare_pdf
 
@@ -69,11 +70,3 @@ def build_object(media: PreparedMedia, patient: PatientDemographics, ctx: StudyC
 
         return build_video_photographic(media.prepared, patient, ctx, now=now)
     raise ValueError(f"no builder for {media.kind}")
-
-
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Pass only the keyword arguments `fn` takes (quality options grow over time)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})

@@ -378,7 +378,7 @@ def test_cmyk_with_unusable_profile_falls_back():
     # so the plain conversion is used and no profile is recorded.
     im = Image.new("CMYK", (32, 32), (0, 255, 255, 0))
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    p = prepare_photo(_save(im, icc_profile=srgb), "image/jpeg")
+    p = prepare_photo(_save(im, icc_profile=srgb), "image/jpeg", uniform_stddev=0)
     assert p.derived and p.samples_per_pixel == 3 and p.icc_profile is None
 
 
@@ -464,8 +464,11 @@ def test_twelve_bit_is_not_decodable(sample):
 
 def test_types(sample):
     with pytest.raises(MediaError) as e:
-        prepare_photo(sample, "image/png")
+        prepare_photo(sample, "image/gif")
     assert e.value.code == "unsupported-type"
+    with pytest.raises(MediaError) as e:
+        prepare_photo(sample, "image/png")
+    assert e.value.code == "type-mismatch"
     with pytest.raises(MediaError) as e:
         prepare_photo(b"\x89PNG\r\n\x1a\n" + bytes(64), "image/jpeg")
     assert e.value.code == "type-mismatch"
