@@ -152,3 +152,44 @@ def test_unsupported_codec_posted_as_binary_is_refused_when_referenced(svc, pati
                                            "url": f"Binary/{r.json()['id']}"}}
     refused = post(svc, "/fhir/Media", m)
     assert refused.status_code == 415 and "codec" in refused.text
+
+
+def asymmetric(w: int = 320, h: int = 240) -> Image.Image:
+    """Grey noise-free gradient with a red block in the top-left corner (upright)."""
+    im = Image.linear_gradient("L").resize((w, h)).convert("RGB")
+    im.paste((220, 20, 20), (0, 0, w // 4, h // 4))
+    return im
+
+
+def landed_upright(ds: pydicom.Dataset, w: int, h: int) -> bool:
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    out = Image.open(io.BytesIO(frame)).convert("RGB")
+    r, g, b = out.getpixel((w // 8, h // 8))
+    return out.size == (w, h) and r > 150 and g < 90
+
+
+@pytest.mark.parametrize("kind", ["png", "heic"])
+def test_png_and_rotated_heic_land_upright(svc, orthanc, patient, kind):
+    upright = asymmetric()
+    if kind == "png":
+        rgba = upright.convert("RGBA")
+        buf = io.BytesIO()
+        rgba.save(buf, "PNG")
+        data, ctype = buf.getvalue(), "image/png"
+    else:
+        import pillow_heif
+
+        stored_pixels = upright.transpose(Image.Transpose.ROTATE_90)  # as a phone stores it
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90° clockwise to display
+        heif = pillow_heif.from_pillow(stored_pixels)
+        buf = io.BytesIO()
+        heif.save(buf, quality=90, exif=exif.tobytes())
+        data, ctype = buf.getvalue(), "image/heic"
+    r = post(svc, "/fhir/Media", media(patient, b"") | {"content": attachment(data, ctype)})
+    assert r.status_code == 201, r.text
+    _, study = done(svc, f"Media/{r.json()['id']}")
+    ds = stored(orthanc, study["series"][0]["instance"][0]["uid"])
+    assert ds.SOPClassUID == VL_PHOTO and ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    assert ds.PhotometricInterpretation == "YBR_FULL_422" and ds.ImageType[0] == "DERIVED"
+    assert landed_upright(ds, 320, 240)
