@@ -343,9 +343,31 @@ def _check_uniform(stddev: float, uniform_stddev: float) -> None:
 def _check_jpeg(data: bytes, *, max_pixels: int, min_side: int) -> None:
     if sniff_content_type(data) != "image/jpeg":
         raise MediaError(TYPE_MISMATCH, "the bytes are not a JPEG image")
-    _check_size(jp.read_headers(data).frame, max_pixels, min_side)
+    frame = jp.read_headers(data).frame
+    _check_size(frame, max_pixels, min_side)
     jp.inspect_jpeg(data)
-    _decode(data, max_pixels, load=False)
+    if frame.precision == 8:  # Pillow (libjpeg-turbo, 8-bit) cross-checks the headers
+        _decode(data, max_pixels, load=False)
+
+
+def _decode_12bit(data: bytes, components: int) -> Image.Image:
+    """A 12-bit JPEG (T.81 extended or progressive process, SOF1/SOF2 with P=12) decoded with
+    libjpeg (pylibjpeg-libjpeg; Pillow's libjpeg-turbo build reads 8-bit only), scaled to
+    8 bits per sample (the top 8 of 12 bits)."""
+    try:
+        import numpy as np
+        from libjpeg import decode
+    except ImportError:  # pragma: no cover - a dependency of fhirbridge
+        raise MediaError(NOT_DECODABLE, "12-bit JPEG support is not installed") from None
+    try:
+        arr = decode(data)
+    except (RuntimeError, ValueError) as exc:
+        raise MediaError(NOT_DECODABLE,
+                         f"12-bit JPEG could not be decoded ({type(exc).__name__})") from None
+    arr8 = (np.asarray(arr, dtype=np.uint16) >> 4).astype(np.uint8)
+    if components == 1 or arr8.ndim == 2:
+        return Image.fromarray(arr8.reshape(arr8.shape[:2]), "L")
+    return Image.fromarray(arr8[:, :, :3], "RGB")
 
 
 def _prepare_jpeg(data: bytes, *, max_pixels: int, min_side: int,
@@ -379,9 +401,12 @@ def _prepare_jpeg(data: bytes, *, max_pixels: int, min_side: int,
                                                             samples, len(out)),),
             exif=exif, source_content_type="image/jpeg")
 
-    if frame.precision != 8:
-        raise MediaError(NOT_DECODABLE, f"{frame.precision}-bit JPEG cannot be decoded here")
-    im = _decode(data, max_pixels)
+    if frame.precision == 12:
+        im = _decode_12bit(data, frame.components)
+    elif frame.precision != 8:  # 16-bit is lossless (SOF3), not a photo
+        raise MediaError(NOT_DECODABLE, f"{frame.precision}-bit JPEG is not accepted")
+    else:
+        im = _decode(data, max_pixels)
     icc = info.icc_profile
     if im.mode == "CMYK":
         im, icc = _cmyk_to_rgb(im, icc)

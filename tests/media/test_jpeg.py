@@ -7,13 +7,14 @@ import io
 import struct
 from pathlib import Path
 
+import pydicom
 import pytest
 from PIL import Image, ImageCms
 
 from fhirbridge.media import jpeg as jp
 from fhirbridge.media import photo as photo_mod
 from fhirbridge.media.errors import MediaError
-from fhirbridge.media.photo import ExifInfo, PreparedPhoto, prepare_photo, read_exif
+from fhirbridge.media.photo import ExifInfo, PreparedPhoto, check_photo, prepare_photo, read_exif
 from fhirbridge.media.sniff import content_type_matches, sniff_content_type
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -484,3 +485,44 @@ def test_error_texts_carry_no_data():
         with pytest.raises(MediaError) as e:
             prepare_photo(bad, "image/jpeg", **kwargs)
         assert "FhirbridgeCam" not in e.value.text and "2024" not in e.value.text
+
+
+def twelve_bit_jpeg(tmp_path) -> bytes:
+    """A 12-bit greyscale JPEG (T.81 extended sequential, SOF1), made by DCMTK's dcmcjpeg."""
+    import subprocess
+
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    h, w = 240, 320
+    arr = (np.linspace(0, 4095, w)[None, :] * np.ones((h, 1))).astype(np.uint16)
+    arr[: h // 4, : w // 4] = 4000  # a bright block top-left
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = h, w, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = arr.tobytes()
+    ds.save_as(tmp_path / "in.dcm", enforce_file_format=True)
+    subprocess.run(["dcmcjpeg", "+ee", str(tmp_path / "in.dcm"), str(tmp_path / "out.dcm")],
+                   check=True)
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    return next(generate_frames(out.PixelData, number_of_frames=1))
+
+
+def test_12_bit_jpeg_is_reencoded_as_8_bit_baseline(tmp_path):
+    data = twelve_bit_jpeg(tmp_path)
+    assert jp.read_headers(data).frame.precision == 12
+    check_photo(data, "image/jpeg")
+    p = prepare_photo(data, "image/jpeg")
+    assert p.derived and "12-bit source" in p.derivation_description
+    assert p.photometric == "MONOCHROME2" and (p.rows, p.columns) == (240, 320)
+    frame = jp.read_headers(p.jpeg).frame
+    assert frame.is_baseline
+    out = Image.open(io.BytesIO(p.jpeg))
+    assert out.getpixel((10, 10)) > 240 and 230 < out.getpixel((300, 100)) < 250
