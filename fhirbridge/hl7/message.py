@@ -1,4 +1,4 @@
-"""HL7 v2 message decoding: bytes → text by MSH-18, segments parsed with python-hl7, MSH checked.
+"""HL7 v2 message decoding: bytes → text by MSH-18, segments split on the delimiters, MSH checked.
 
 Follows HL7 v2.5.1 Chapter 2 (Control): §2.5 message framework and delimiters, §2.6 message
 construction rules, §2.7 escape sequences in text fields, §2.15.9 MSH (MSH-2 encoding
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
 
-import hl7
 
 # -- HL7 table 0357 (message error condition codes) ---------------------------------------
 SEGMENT_SEQUENCE_ERROR = "100"
@@ -98,6 +97,9 @@ class Delimiters:
         return self.component + self.repetition + self.escape + self.subcomponent
 
 
+_DEFAULT_DELIMITERS = Delimiters()
+
+
 @dataclass(frozen=True, slots=True)
 class MessageHeader:
     """What MSH says. The `*_raw` fields keep the field text exactly as received (escaped, with
@@ -127,11 +129,14 @@ class MessageHeader:
 
 @dataclass(frozen=True)
 class Hl7Message:
-    """A decoded, parsed message whose MSH passed the checks. Field accessors return decoded
-    text: escape sequences resolved (§2.7), the HL7 null `""` read as empty."""
+    """A decoded message whose MSH passed the checks. `parsed` holds one entry per kept
+    segment: its raw (still escaped) fields split on MSH-1 only, numbered like the standard
+    (`seg[n]` is field n; for MSH `seg[1]` is MSH-1 and `seg[2]` MSH-2). Repetitions,
+    components and subcomponents are split when a field is read. Field accessors return
+    decoded text: escape sequences resolved (§2.7), the HL7 null `""` read as empty."""
 
     header: MessageHeader
-    parsed: hl7.Message
+    parsed: list[list[str]]
     segment_ids: tuple[str, ...]
 
     @property
@@ -157,11 +162,11 @@ class Hl7Message:
         """Decoded repetitions → components → subcomponents of one field (empty list when
         the field is absent)."""
         return [[[self.text(s) for s in comp] for comp in rep]
-                for rep in raw_repetitions(segment, number)]
+                for rep in raw_repetitions(segment, number, self.header.delimiters)]
 
     def value(self, segment: Any, number: int, component: int = 1, subcomponent: int = 1,
               repetition: int = 1) -> str:
-        reps = raw_repetitions(segment, number)
+        reps = raw_repetitions(segment, number, self.header.delimiters)
         try:
             raw = reps[repetition - 1][component - 1][subcomponent - 1]
         except IndexError:
@@ -169,19 +174,32 @@ class Hl7Message:
         return self.text(raw)
 
 
-# -- structure helpers over python-hl7 containers --------------------------------------------
-def raw_repetitions(segment: Any, number: int) -> list[list[list[str]]]:
-    """Field `number` of a python-hl7 segment as repetitions → components → subcomponents of
-    raw (still escaped) strings. For MSH, `number` is the MSH field number as well."""
-    if segment is None or number >= len(segment):
+# -- structure helpers ---------------------------------------------------------------------
+def split_segment(line: str, fs: str) -> list[str]:
+    """One segment's raw fields, indexed by field number (MSH: MSH-1 is inserted so that
+    `seg[n]` is MSH-n, as for every other segment)."""
+    fields = line.split(fs)
+    if fields[0] == "MSH":
+        fields.insert(1, fs)
+    return fields
+
+
+def raw_repetitions(segment: Any, number: int,
+                    delimiters: Delimiters | None = None) -> list[list[list[str]]]:
+    """Field `number` of a segment (from `split_segment`) as repetitions → components →
+    subcomponents of raw (still escaped) strings. For MSH, `number` is the MSH field number
+    as well; MSH-1 and MSH-2 are returned whole."""
+    if segment is None or number >= len(segment) or number < 1:
         return []
-    out: list[list[list[str]]] = []
-    for rep in segment[number]:
-        if isinstance(rep, str):
-            out.append([[rep]])
-        else:
-            out.append([[c] if isinstance(c, str) else [str(s) for s in c] for c in rep])
-    return out
+    raw = segment[number]
+    if segment[0] == "MSH" and number <= 2:
+        return [[[raw]]]
+    d = delimiters or _DEFAULT_DELIMITERS
+    sub = d.subcomponent
+    if d.repetition not in raw and d.component not in raw and sub not in raw:
+        return [[[raw]]]
+    return [[comp.split(sub) for comp in rep.split(d.component)]
+            for rep in raw.split(d.repetition)]
 
 
 def decode_text(raw: str, delimiters: Delimiters, encoding: str = "utf-8") -> str:
@@ -297,7 +315,7 @@ def decode_message(raw: bytes, *, default_tz: tzinfo | None = timezone.utc,
     """Decode and parse one message (the bytes between MLLP <VT> and <FS>) and check MSH.
 
     Every segment must start with a valid segment id; only MSH and the ids in `segments` (all
-    when None) are handed to python-hl7 — parsing is most of the cost, and an ADT message's
+    when None) are kept — parsing is most of the cost, and an ADT message's
     PV1/NK1/OBX/IN1 … segments are not read by anything here.
 
     Raises MessageRejected (with whatever header could be read) when the bytes are not an
@@ -370,16 +388,10 @@ def decode_message(raw: bytes, *, default_tz: tzinfo | None = timezone.utc,
         if i == 0 or segments is None or sid in segments:
             kept.append(line)
             ids.append(sid)
-    try:
-        parsed = hl7.parse("\r".join(kept))
-    except Exception:  # python-hl7 raises assorted errors on malformed input
-        raise MessageRejected(SEGMENT_SEQUENCE_ERROR, "the message structure could not be "
-                              "parsed", header=header) from None
-    segment_ids = tuple(ids)
-    if len(parsed) != len(segment_ids):  # cannot happen with CR-split lines; be safe
-        raise MessageRejected(SEGMENT_SEQUENCE_ERROR, "the message structure could not be "
-                              "parsed", header=header)
-    return Hl7Message(header=header, parsed=parsed, segment_ids=segment_ids)
+    # Fields are split here; repetitions, components and subcomponents only when read
+    # (python-hl7's parse built every container and was most of the cost of an ADT message).
+    parsed = [split_segment(line, fs) for line in kept]
+    return Hl7Message(header=header, parsed=parsed, segment_ids=tuple(ids))
 
 
 def _read_header(fields: list[str], d: Delimiters, msh18_raw: str, codec: str,

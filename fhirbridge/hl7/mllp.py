@@ -47,13 +47,16 @@ class MLLPServer:
     A frame longer than `max_message_bytes` is answered AR (error code 207) and that
     connection is closed; other connections are not affected. A connection silent for
     `idle_timeout` seconds is closed; an incomplete frame at EOF is dropped.
-    `on_ack(code)` is called after each ACK is written (for metrics).
+    `on_ack(code)` is called after each ACK is written (for metrics); `on_stop()` is called
+    (in a thread) by `stop()` once every connection has ended, e.g. to stop the handler's
+    writer thread.
     """
 
     def __init__(self, handler: Handler, *, max_message_bytes: int = 1024 * 1024,
                  idle_timeout: float | None = 600.0, application: str = "FHIRBRIDGE",
                  facility: str = "", parser: Parser = parse_adt,
-                 on_ack: Callable[[str], None] | None = None) -> None:
+                 on_ack: Callable[[str], None] | None = None,
+                 on_stop: Callable[[], None] | None = None) -> None:
         self.handler = handler
         self.max_message_bytes = max_message_bytes
         self.idle_timeout = idle_timeout
@@ -61,6 +64,7 @@ class MLLPServer:
         self.facility = facility
         self.parser = parser
         self.on_ack = on_ack
+        self.on_stop = on_stop
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._port = 0
@@ -95,6 +99,11 @@ class MLLPServer:
             await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 5)
+        if self.on_stop is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.on_stop)
+            except Exception as exc:
+                log.warning("MLLP on_stop hook failed: %s", type(exc).__name__)
 
     async def __aenter__(self) -> MLLPServer:
         return self

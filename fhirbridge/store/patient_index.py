@@ -10,13 +10,14 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 
-from sqlalchemy import select
+from sqlalchemy import Connection, Select, and_, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from fhirbridge.identity.model import Identifier, Name, PatientRecord
 from fhirbridge.store.db import Database
-from fhirbridge.store.models import IndexHistory, IndexIdentifier, IndexPatient
+from fhirbridge.store.models import IndexHistory, IndexIdentifier, IndexPatient, utcnow
 
 INDEX_PREFIX = "index:"
 
@@ -76,38 +77,67 @@ class PatientIndex:
             replaced_by=INDEX_PREFIX + p.merged_into if p.merged_into else None)
 
     # -- events (run inside the caller's transaction) --------------------------------------
-    def upsert(self, s: Session, facts: PatientFacts, *, event_at: datetime | None,
+    def upsert(self, s: Session | Connection, facts: PatientFacts, *,
+               event_at: datetime | None,
                event_type: str, control_id: str) -> IndexOutcome:
         """A01/A04/A05/A08/A28/A31: create or update; an event older than the last applied
-        one is recorded in history but does not overwrite newer data."""
+        one is recorded in history but does not overwrite newer data.
+
+        Core statements on the session's connection (no ORM objects): one look-up of the
+        identifiers with their patients, the history insert, and an UPDATE only when a value
+        changes (an A08 repeating the demographics writes its history row only).
+
+        It answers AE only before writing anything: AdtFeed's group commit relies on that to
+        run upserts without a savepoint each."""
         if not facts.identifiers:
             return IndexOutcome("AE", "PID-3 has no identifier in a configured domain", False)
-        keys = self._keys_for(s, facts.identifiers)
-        survivors = {self._survivor(s, k) for k in keys}
+        conn = s if isinstance(s, Connection) else s.connection()
+        event_at = _as_utc(event_at)
+        rows = conn.execute(_lookup_stmt(len(facts.identifiers)), _lookup_params(
+            facts.identifiers)).all()
+        found = {(r.system, r.value) for r in rows}
+        patients: dict[str, _Row] = {}
+        for r in rows:
+            patients.setdefault(r.key, _Row(r.key, r.merged_into, r.names_json, r.birth_date,
+                                            r.sex, r.last_event_at))
+        survivors = {self._survivor_core(conn, k, patients) for k in list(patients)}
         if len(survivors) > 1:
             return IndexOutcome("AE", "PID-3 identifiers belong to different patients in the "
                                 "index; a merge (A40) is needed first", False)
+        missing = [i for i in facts.identifiers if (i.system, i.value) not in found]
+        names_json = _names_json(facts.names) if facts.names else None
         if not survivors:
             key = uuid.uuid4().hex
-            s.add(IndexPatient(key=key, active=True))
-            s.flush()
-            self._attach(s, key, facts.identifiers)
-            self._apply(s, key, facts, event_at)
-            self._history(s, key, event_type, control_id, event_at, True, facts)
+            conn.execute(insert(_PATIENT), {
+                "key": key, "active": True, "names_json": names_json or "[]",
+                "birth_date": facts.birth_date if facts.birth_date is not None else "",
+                "sex": facts.sex if facts.sex is not None else "", "last_event_at": event_at})
+            self._insert_identifiers(conn, key, missing)
+            self._history_core(conn, key, event_type, control_id, event_at, True, facts)
             return IndexOutcome()
         key = survivors.pop()
-        self._attach(s, key, facts.identifiers)
-        p = s.get(IndexPatient, key)
+        self._insert_identifiers(conn, key, missing)
+        p = patients.get(key) or self._patient_row(conn, key)
         assert p is not None
         if _older(event_at, p.last_event_at):
-            self._history(s, key, event_type, control_id, event_at, False, facts)
+            self._history_core(conn, key, event_type, control_id, event_at, False, facts)
             return IndexOutcome(applied=False, text="older than the data already applied")
-        before = (p.names_json, p.birth_date, p.sex)
-        self._apply(s, key, facts, event_at)
-        self._history(s, key, event_type, control_id, event_at, True, facts)
+        values: dict[str, object] = {}
+        if names_json is not None and names_json != p.names_json:
+            values["names_json"] = names_json
+        if facts.birth_date is not None and facts.birth_date != p.birth_date:
+            values["birth_date"] = facts.birth_date
+        if facts.sex is not None and facts.sex != p.sex:
+            values["sex"] = facts.sex
+        if event_at is not None and (p.last_event_at is None
+                                     or _utc(event_at) != _utc(p.last_event_at)):
+            values["last_event_at"] = event_at
+        if values:
+            conn.execute(update(_PATIENT).where(_PATIENT.c.key == key).values(**values))
+        self._history_core(conn, key, event_type, control_id, event_at, True, facts)
         out = IndexOutcome()
-        if before != (p.names_json, p.birth_date, p.sex):
-            idents = self._identifiers(s, key)
+        if values.keys() & {"names_json", "birth_date", "sex"}:
+            idents = self._identifiers_core(conn, key)
             out.corrections.append((idents, idents[0], event_type))
         return out
 
@@ -115,6 +145,7 @@ class PatientIndex:
               event_at: datetime | None, event_type: str, control_id: str) -> IndexOutcome:
         """A40 (and A18/A34/A36): the patient named by MRG-1 is subsumed by the PID-3 one.
         Repeats are no-ops; a merge that would make a cycle (inverted A40) is refused."""
+        event_at = _as_utc(event_at)
         if not survivor.identifiers or not prior:
             return IndexOutcome("AE", "merge needs PID-3 and MRG-1 identifiers in a configured "
                                 "domain", False)
@@ -171,6 +202,7 @@ class PatientIndex:
                           facts: PatientFacts, *, event_at: datetime | None, event_type: str,
                           control_id: str) -> IndexOutcome:
         """A47: the identifier MRG-1 becomes PID-3 on the same patient (same domain)."""
+        event_at = _as_utc(event_at)
         row = s.scalar(select(IndexIdentifier).where(IndexIdentifier.system == old.system,
                                                      IndexIdentifier.value == old.value))
         taken = s.scalar(select(IndexIdentifier).where(IndexIdentifier.system == new.system,
@@ -238,9 +270,7 @@ class PatientIndex:
         p = s.get(IndexPatient, key)
         assert p is not None
         if facts.names:
-            p.names_json = json.dumps([{"family": n.family, "given": list(n.given),
-                                        "prefix": n.prefix, "suffix": n.suffix}
-                                       for n in facts.names], ensure_ascii=False)
+            p.names_json = _names_json(facts.names)
         if facts.birth_date is not None:
             p.birth_date = facts.birth_date
         if facts.sex is not None:
@@ -253,11 +283,45 @@ class PatientIndex:
                  event_at: datetime | None, applied: bool, facts: PatientFacts) -> None:
         s.add(IndexHistory(
             patient_key=key, event_type=event_type, control_id=control_id, event_at=event_at,
-            applied=applied,
-            snapshot_json=json.dumps({
-                "identifiers": [[i.system, i.value] for i in facts.identifiers],
-                "names": [[n.family, list(n.given)] for n in facts.names],
-                "birth_date": facts.birth_date, "sex": facts.sex}, ensure_ascii=False)))
+            applied=applied, snapshot_json=_snapshot(facts)))
+
+    # -- Core helpers (the upsert path) ----------------------------------------------------
+    @staticmethod
+    def _patient_row(conn: Connection, key: str) -> _Row | None:
+        r = conn.execute(_PATIENT_STMT, {"key": key}).first()
+        return None if r is None else _Row(r.key, r.merged_into, r.names_json, r.birth_date,
+                                           r.sex, r.last_event_at)
+
+    def _survivor_core(self, conn: Connection, key: str, known: dict[str, _Row]) -> str:
+        """`_survivor` over rows already fetched; a merge chain costs one query per hop."""
+        seen = {key}
+        p = known.get(key) or self._patient_row(conn, key)
+        while p is not None and p.merged_into and p.merged_into not in seen:
+            seen.add(p.merged_into)
+            key = p.merged_into
+            p = known.get(key) or self._patient_row(conn, key)
+            if p is not None:
+                known[key] = p
+        return key
+
+    @staticmethod
+    def _insert_identifiers(conn: Connection, key: str, idents: list[Identifier]) -> None:
+        for i in idents:  # one at a time: ids follow PID-3 order (records list them by id)
+            conn.execute(_IDENT_INSERT, {"system": i.system, "value": i.value,
+                                         "patient_key": key})
+
+    @staticmethod
+    def _identifiers_core(conn: Connection, key: str) -> tuple[Identifier, ...]:
+        return tuple(Identifier(r.system, r.value) for r in conn.execute(
+            _IDENTS_OF_STMT, {"key": key}))
+
+    @staticmethod
+    def _history_core(conn: Connection, key: str, event_type: str, control_id: str,
+                      event_at: datetime | None, applied: bool, facts: PatientFacts) -> None:
+        conn.execute(_HISTORY_INSERT, {
+            "patient_key": key, "event_type": event_type, "control_id": control_id,
+            "event_at": event_at, "applied": applied, "snapshot_json": _snapshot(facts),
+            "recorded_at": utcnow()})
 
 
 def _utc(dt: datetime) -> datetime:
@@ -269,3 +333,60 @@ def _older(event_at: datetime | None, applied_at: datetime | None) -> bool:
     if event_at is None or applied_at is None:
         return False
     return _utc(event_at) < _utc(applied_at)
+
+
+def _as_utc(dt: datetime | None) -> datetime | None:
+    """Event times are stored in UTC: SQLite keeps a DateTime's wall-clock time without its
+    offset (read back as UTC), so a +0100 time stored as is would read an hour late."""
+    return None if dt is None else _utc(dt).astimezone(timezone.utc)
+
+
+def _names_json(names: tuple[Name, ...]) -> str:
+    return json.dumps([{"family": n.family, "given": list(n.given), "prefix": n.prefix,
+                        "suffix": n.suffix} for n in names], ensure_ascii=False)
+
+
+def _snapshot(facts: PatientFacts) -> str:
+    return json.dumps({
+        "identifiers": [[i.system, i.value] for i in facts.identifiers],
+        "names": [[n.family, list(n.given)] for n in facts.names],
+        "birth_date": facts.birth_date, "sex": facts.sex}, ensure_ascii=False)
+
+
+@dataclass(slots=True)
+class _Row:
+    key: str
+    merged_into: str | None
+    names_json: str
+    birth_date: str
+    sex: str
+    last_event_at: datetime | None
+
+
+_PATIENT = IndexPatient.__table__
+_IDENT = IndexIdentifier.__table__
+_HISTORY = IndexHistory.__table__
+_PATIENT_COLS = (_PATIENT.c.key, _PATIENT.c.merged_into, _PATIENT.c.names_json,
+                 _PATIENT.c.birth_date, _PATIENT.c.sex, _PATIENT.c.last_event_at)
+_PATIENT_STMT = select(*_PATIENT_COLS).where(_PATIENT.c.key == bindparam("key"))
+_IDENT_INSERT = insert(_IDENT)
+_HISTORY_INSERT = insert(_HISTORY)
+_IDENTS_OF_STMT = (select(_IDENT.c.system, _IDENT.c.value)
+                   .where(_IDENT.c.patient_key == bindparam("key")).order_by(_IDENT.c.id))
+
+
+@lru_cache(maxsize=16)
+def _lookup_stmt(n: int) -> Select:  # type: ignore[type-arg]
+    """Identifiers (system, value) 0…n-1 with their patients, in one statement (each term
+    uses the (system, value) unique index)."""
+    return (select(_IDENT.c.system, _IDENT.c.value, *_PATIENT_COLS)
+            .join(_PATIENT, _PATIENT.c.key == _IDENT.c.patient_key)
+            .where(or_(*[and_(_IDENT.c.system == bindparam(f"s{k}"),
+                              _IDENT.c.value == bindparam(f"v{k}")) for k in range(n)])))
+
+
+def _lookup_params(idents: tuple[Identifier, ...]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for k, i in enumerate(idents):
+        params[f"s{k}"], params[f"v{k}"] = i.system, i.value
+    return params
