@@ -56,14 +56,29 @@ def unique(photo: bytes, n: int) -> bytes:
 
 
 def media(photo: bytes, patient_id: str) -> bytes:
+    subject = ({"identifier": {"system": MRN_SYSTEM, "value": "BENCH1"}} if patient_id == ""
+               else {"reference": f"Patient/{patient_id}"})
     return json.dumps({
         "resourceType": "Media", "status": "completed",
-        "subject": {"reference": f"Patient/{patient_id}"},
+        "subject": subject,
         "createdDateTime": "2026-11-20T09:15:00+01:00",
         "content": {"contentType": "image/jpeg", "data": base64.b64encode(photo).decode(),
                     "size": len(photo),
                     "hash": base64.b64encode(hashlib.sha1(photo).digest()).decode()},
     }).encode()
+
+
+def register_by_adt(svc: FhirbridgeService) -> None:
+    """The bench patient through the ADT feed (no EHR): one A04 over MLLP, AA expected."""
+    import socket
+
+    msg = ("MSH|^~\\&|ADT|HOSP|FHIRBRIDGE|HOSP|20261120090000||ADT^A04^ADT_A01|BENCH-A04|P|2.5\r"
+           "EVN|A04|20261120090000\r"
+           "PID|1||BENCH1^^^HOSP^MR||Bench^Mark||19700101|F\r")
+    with socket.create_connection(("127.0.0.1", svc.mllp_port), timeout=10) as sock:
+        sock.sendall(b"\x0b" + msg.encode() + b"\x1c\r")
+        ack = sock.recv(4096)
+    assert b"MSA|AA" in ack, ack
 
 
 def main() -> None:
@@ -75,6 +90,10 @@ def main() -> None:
                     help="extra `fhirbridge worker` processes on the same database")
     ap.add_argument("--py-spy", default="", help="record the service with py-spy during "
                     "phase 1 into this collapsed-stack file (needs `pip install py-spy`)")
+    ap.add_argument("--ehr", choices=["fhir", "none"], default="fhir",
+                    help="fhir: the test FHIR server is the EHR (its conditional update slows "
+                    "down as ImagingStudies accumulate); none: the patient comes from an ADT "
+                    "A04 and no ImagingStudy is written to an EHR (fhirbridge's own rate)")
     ap.add_argument("--create-dicom-n", type=int, default=40)
     args = ap.parse_args()
     require_tools()
@@ -92,7 +111,11 @@ def main() -> None:
                 "gender": "female"}, headers={"Content-Type": "application/fhir+json"})
             patient_id = r.json()["id"]
             svc = FhirbridgeService(Path(tmp) / "fb", pacs_url=orthanc.dicom_url,
-                                    ehr_url=fhir.base_url, workers=args.workers).start()
+                                    ehr_url=fhir.base_url if args.ehr == "fhir" else "",
+                                    workers=args.workers).start()
+            if args.ehr == "none":
+                register_by_adt(svc)
+                patient_id = ""
             extra = [subprocess.Popen([str(ROOT / ".venv/bin/fhirbridge"), "worker", "--config",
                                        str(svc.config)], cwd=svc.workdir,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         app = create_app(services)
+        # h11, not httptools: with a lying Content-Length, httptools drops the valid first
+        # request and answers text/plain; h11 answers it (an OperationOutcome) in order.
         uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level="info",
-                    access_log=False)
+                    access_log=False, http="h11")
         services.close()
         return 0
     if args.command == "worker":
