@@ -35,10 +35,18 @@ class Database:
             )
             event.listen(self._relaxed_engine, "connect", _sqlite_on_connect_relaxed)
             event.listen(self._relaxed_engine, "begin", _sqlite_on_begin)
+            # Reads: a deferred BEGIN (a WAL snapshot) never takes or waits for the write lock.
+            self._read_engine: Engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}
+            )
+            event.listen(self._read_engine, "connect", _sqlite_on_connect)
+            event.listen(self._read_engine, "begin", _sqlite_on_begin_read)
         else:
             self.engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
             self._relaxed_engine = self.engine
+            self._read_engine = self.engine
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
         self._relaxed_sessions = sessionmaker(self._relaxed_engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
@@ -63,7 +71,10 @@ class Database:
                 yield session
 
     def session(self) -> Session:
-        return self._sessions()
+        """A session for reading (one consistent snapshot; on SQLite it never takes the write
+        lock, so readers never queue behind the ADT writer or the workers). Write only in
+        `transaction()`."""
+        return self._read_sessions()
 
     def ping(self) -> bool:
         try:
@@ -76,6 +87,7 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
         self._relaxed_engine.dispose()
+        self._read_engine.dispose()
 
 
 def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -97,3 +109,7 @@ def _sqlite_on_connect_relaxed(dbapi_connection, record) -> None:  # type: ignor
 
 def _sqlite_on_begin(conn) -> None:  # type: ignore[no-untyped-def]
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_on_begin_read(conn) -> None:  # type: ignore[no-untyped-def]
+    conn.exec_driver_sql("BEGIN")
