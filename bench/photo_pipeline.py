@@ -85,9 +85,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=4, help="worker threads in `serve`")
+    ap.add_argument("--workers", type=int, default=2, help="worker threads per process")
     ap.add_argument("--worker-processes", type=int, default=0,
-                    help="extra `fhirbridge worker` processes on the same database")
+                    help="more `fhirbridge worker` processes on the same database (besides "
+                    "the one `serve` starts: pipeline.worker_processes = 1)")
     ap.add_argument("--py-spy", default="", help="record the service with py-spy during "
                     "phase 1 into this collapsed-stack file (needs `pip install py-spy`)")
     ap.add_argument("--ehr", choices=["fhir", "none"], default="fhir",

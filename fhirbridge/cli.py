@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -16,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--config")
     p_worker = sub.add_parser("worker", help="pipeline workers only (shared PostgreSQL)")
     p_worker.add_argument("--config")
+    p_worker.add_argument("--parent-pid", type=int, default=0,
+                          help=argparse.SUPPRESS)  # started by `serve`: exit when it is gone
     p_dz = sub.add_parser("dicomize", help="build one DICOM object offline from a file")
     p_dz.add_argument("input")
     p_dz.add_argument("-o", "--output", required=True)
@@ -54,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         app = create_app(services)
+        children = start_worker_processes(args.config, settings.pipeline.worker_processes)
         # h11, not httptools: with a lying Content-Length, httptools drops the valid first
         # request and answers text/plain; h11 answers it (an OperationOutcome) in order.
         uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level="info",
                     access_log=False, http="h11")
+        stop_worker_processes(children)
         services.close()
         return 0
     if args.command == "worker":
@@ -66,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: done.set())
         signal.signal(signal.SIGINT, lambda *_: done.set())
         pool.start()
-        done.wait()
+        if args.parent_pid:
+            while not done.wait(1.0):
+                if os.getppid() != args.parent_pid:  # `serve` died without stopping us
+                    break
+        else:
+            done.wait()
         pool.stop()
         services.close()
         return 0
@@ -79,6 +90,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{j.id}\t{j.kind}\t{j.subject_id}\tattempts={j.attempts}\t{j.last_error}")
         return 0
     return 2
+
+
+def start_worker_processes(config: str | None, count: int) -> list[subprocess.Popen[bytes]]:
+    """`pipeline.worker_processes` extra `fhirbridge worker` processes beside `serve`: the
+    pipeline's Python work (parsing, pydicom, pynetdicom) then runs outside the HTTP/MLLP
+    process's GIL. They share the database (SQLite WAL or PostgreSQL) and the data dir."""
+    argv = [sys.executable, "-m", "fhirbridge.cli", "worker", "--parent-pid", str(os.getpid())]
+    if config:
+        argv += ["--config", config]
+    return [subprocess.Popen(argv) for _ in range(max(0, count))]
+
+
+def stop_worker_processes(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ class IdentifierDomain(BaseModel):
 
 
 class PipelineSettings(BaseModel):
-    workers: int = 2
+    workers: int = 2  # worker threads in each process
+    worker_processes: int = 1  # extra `fhirbridge worker` processes that `serve` starts
     max_attempts: int = 8
     backoff_base_seconds: float = 2.0
     backoff_max_seconds: float = 600.0
