@@ -67,7 +67,8 @@ class Services:
         """What intake needs for one request (bundle_blobs is per request)."""
         return IntakeContext(blobs=self.blobs, limits=self.settings.media.limits(),
                              local_binary=self.local_binary, url_allowed=self.url_allowed,
-                             probe_video=probe_video_or_none(), own_base=self.settings.fhir_base_url)
+                             probe_video=probe_video_or_none(),
+                             own_base=self.settings.fhir_base_url)
 
     def local_binary(self, binary_id: str) -> StagedBlob | None:
         with self.db.session() as s:

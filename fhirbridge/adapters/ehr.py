@@ -65,7 +65,7 @@ class FhirEhr:
                     (entry.get("search") or {}).get("mode", "match") == "match"
                 ):
                     out.append(res)
-            nxt = next((l["url"] for l in bundle.get("link", []) if l.get("relation") == "next"),
+            nxt = next((ln["url"] for ln in bundle.get("link", []) if ln.get("relation") == "next"),
                        None)
             if not nxt or len(out) > 500:
                 return out

@@ -184,7 +184,8 @@ class StowRsPacs:
                 f"{self.base}/studies",
                 content=body.getvalue(),
                 headers={
-                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                    "Content-Type": ('multipart/related; type="application/dicom"; '
+                                     f"boundary={boundary}"),
                     "Accept": "application/dicom+json",
                 },
             )
@@ -333,4 +334,5 @@ def _open_transport(url: str, *, ae_title: str, wado_rs_url: str, timeout: float
     raise ValueError(f"unsupported pacs.url scheme: {scheme!r}")
 
 
-__all__ = ["DimsePacs", "FolderPacs", "OrthancCorrections", "Pacs", "PacsError", "StowRsPacs", "open_pacs"]
+__all__ = ["DimsePacs", "FolderPacs", "OrthancCorrections", "Pacs", "PacsError", "StowRsPacs",
+           "open_pacs"]

@@ -176,8 +176,9 @@ def media_error(exc: MediaError, expression: str) -> FhirError:
 def strict_b64decode(text: str, *, expression: str) -> bytes:
     """RFC 4648 base64 with padding; the R4B parser accepts base64url and junk (decoded as
     zeros or nothing), so decode strictly ourselves: pybase64 (SIMD) with `validate=True`
-    refuses any character outside the alphabet and bad or excess padding. Whitespace (allowed by FHIR base64Binary) is
-    removed first only when present, so the common case is one C-speed pass."""
+    refuses any character outside the alphabet and bad or excess padding. Whitespace
+    (allowed by FHIR base64Binary) is removed first only when present, so the common case is
+    one pass."""
     candidates = [text]
     if any(ws in text for ws in (" ", "\n", "\r", "\t")):
         candidates.append("".join(text.split()))

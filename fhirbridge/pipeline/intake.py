@@ -93,7 +93,8 @@ def stage(inbound: InboundUpload, ctx: IntakeContext) -> list[dict[str, Any]]:
                 rec.update(url=att.url)
             else:
                 raise FhirError(422, "security", "attachment url is neither a Binary held here "
-                                "nor on the EHR or its allow-list", expression=f"{att.expression}.url")
+                                "nor on the EHR or its allow-list",
+                                expression=f"{att.expression}.url")
         staged.append(rec)
     return staged
 
