@@ -89,8 +89,8 @@ def main() -> None:
     ap.add_argument("--worker-processes", type=int, default=0,
                     help="more `fhirbridge worker` processes on the same database (besides "
                     "the one `serve` starts: pipeline.worker_processes = 1)")
-    ap.add_argument("--py-spy", default="", help="record the service with py-spy during "
-                    "phase 1 into this collapsed-stack file (needs `pip install py-spy`)")
+    ap.add_argument("--py-spy", default="", help="record the service (GIL holders) with "
+                    "py-spy during phase 1 into this collapsed-stack file (pip install py-spy)")
     ap.add_argument("--ehr", choices=["fhir", "none"], default="fhir",
                     help="fhir: the test FHIR server is the EHR (its conditional update slows "
                     "down as ImagingStudies accumulate); none: the patient comes from an ADT "
@@ -127,8 +127,8 @@ def main() -> None:
             spy = None
             if args.py_spy:
                 spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "--pid",
-                                        str(svc.proc.pid), "--rate", "250", "--format", "raw", "--idle",
-                                        "-o", args.py_spy, "--nonblocking"],
+                                        str(svc.proc.pid), "--rate", "250", "--format", "raw",
+                                        "--gil", "-o", args.py_spy, "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             client = httpx.Client(base_url=svc.base, timeout=60)
