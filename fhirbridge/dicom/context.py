@@ -26,13 +26,22 @@ class PatientDemographics:
 
     @property
     def dicom_name(self) -> str:
-        """PS3.5 6.2 PN: family^given^middle^prefix^suffix."""
+        """PS3.5 6.2 PN: family^given^middle^prefix^suffix. Within a component, PN's own
+        delimiters (^ components, = groups, \\ values) and control characters become spaces."""
         given = self.given[0] if self.given else ""
         middle = " ".join(self.given[1:])
-        parts = [self.family, given, middle, self.prefix, self.suffix]
+        parts = [_pn_component(p) for p in
+                 (self.family, given, middle, self.prefix, self.suffix)]
         while parts and not parts[-1]:
             parts.pop()
-        return "^".join(parts)
+        # PS3.5 Table 6.2-1: at most 64 characters per component group
+        return "^".join(parts)[:64].rstrip("^ ")
+
+
+def _pn_component(value: str) -> str:
+    cleaned = "".join(" " if ch in "^=\\" or ord(ch) < 32 or ord(ch) == 127 else ch
+                      for ch in value or "")
+    return " ".join(cleaned.split())
 
 
 @dataclass(frozen=True)

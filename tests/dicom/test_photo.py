@@ -381,3 +381,12 @@ def test_every_orientation_lands_upright(tmp_path, orientation):
             assert _close(im.getpixel(xy), colour), (orientation, xy, im.getpixel(xy))
     if orientation in (1, 6):
         dciodvfy(tmp_path, out, f"o{orientation}.dcm")
+
+
+def test_person_name_delimiters_inside_a_name_do_not_break_the_pn():
+    from fhirbridge.dicom.context import PatientDemographics
+
+    p = PatientDemographics("1", "H", family="O^Brien=Smith\\Jr", given=("Mary\x07Jo", "Ann"))
+    assert p.dicom_name == "O Brien Smith Jr^Mary Jo^Ann"
+    long = PatientDemographics("1", "H", family="X" * 50, given=("Y" * 30,))
+    assert len(long.dicom_name) == 64 and long.dicom_name.startswith("X" * 50 + "^")
