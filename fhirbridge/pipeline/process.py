@@ -190,7 +190,10 @@ class Pipeline:
             if duplicate is not None:
                 reused.append(duplicate)
                 continue
-            ds = build_object(media, demographics, ctx, now=_aware(sub.received_at))
+            try:
+                ds = build_object(media, demographics, ctx, now=_aware(sub.received_at))
+            except ValueError as exc:  # an identifier or code DICOM cannot carry (no PHI)
+                raise Permanent("not-representable-in-dicom", str(exc)) from None
             path = self.options.instances_dir / f"{ctx.sop_instance_uid}.dcm"
             write_durably(path, write_dataset(ds))
             built.append((att, ctx, ds, path))
