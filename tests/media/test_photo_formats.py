@@ -677,3 +677,40 @@ def test_vl_photographic_from_new_formats_passes_dciodvfy(fmt, dciodvfy_check):
     assert ds.ImageType[0] == "DERIVED" and ds.PhotometricInterpretation == photo.photometric
     for secret in (b"GPS", b"WGS-84", b"Exif", b"SampleOS"):  # make/model may be Manufacturer
         assert secret not in raw
+
+
+# -- the blank check's early exit for pass-through JPEGs ------------------------------------
+
+def _jpeg_12mp(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _busy_12mp() -> Image.Image:
+    w, h = 4032, 3024
+    noise = Image.effect_noise((w // 8, h // 8), 60).resize((w, h))
+    return Image.merge("RGB", (noise, Image.linear_gradient("L").resize((w, h)), noise))
+
+
+def test_busy_photo_is_proved_non_uniform_from_its_first_quarter(monkeypatch):
+    from fhirbridge.media import photo as ph
+
+    def no_full_decode(*_a, **_k):
+        raise AssertionError("the full 1/8-scale decode should not be needed")
+
+    monkeypatch.setattr(ph, "_jpeg_luma_stddev", no_full_decode)
+    p = prepare_photo(_jpeg_12mp(_busy_12mp()), "image/jpeg")
+    assert not p.derived and p.rows == 3024
+
+
+def test_flat_top_falls_back_to_the_full_check():
+    w, h = 4032, 3024
+    im = _busy_12mp()
+    im.paste((120, 170, 230), (0, 0, w, h // 3))  # sky
+    assert prepare_photo(_jpeg_12mp(im), "image/jpeg").rows == h
+    flat = Image.new("RGB", (w, h), (200, 200, 200))
+    flat.paste((203, 203, 203), (0, 0, w, h // 40))  # a faint band at the top only
+    with pytest.raises(MediaError) as e:
+        prepare_photo(_jpeg_12mp(flat), "image/jpeg")
+    assert e.value.code == "uniform-image"
