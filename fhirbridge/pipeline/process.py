@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from fhirbridge.adapters.attachments import AttachmentRefused, AttachmentUnavailable
 from fhirbridge.adapters.blobs import BlobStore, write_durably
@@ -92,7 +92,7 @@ class Pipeline:
     # -- the worker loop -------------------------------------------------------------------
     def run_once(self, owner: str) -> bool:
         """Claim and run one job; False when nothing was due."""
-        job = self.queue.claim(owner, tuple(self.handlers))
+        job = self.queue.claim(owner, tuple(self.handlers), on_claim=self._task_in_progress)
         if job is None:
             return False
         try:
@@ -133,8 +133,6 @@ class Pipeline:
             task = s.scalar(select(Task).where(Task.submission_id == job.subject_id))
         if sub is None or task is None:
             raise Permanent("missing-submission", "the submission is no longer stored")
-        if task.status in ("requested", "failed"):
-            self._set_task(task.id, "in-progress")
         resource = json.loads(sub.resource_json)
         desc = describe_upload(sub.resource_type, resource)
         attachments = self._attachments(sub)
@@ -225,19 +223,34 @@ class Pipeline:
                     old.superseded_by = sub.id
         studies = [ctx.study_instance_uid for _, ctx, _, _ in built]
         studies += [r.study_instance_uid for r in reused]
-        study_ref = ""
-        for study_uid in dict.fromkeys(studies):
-            ref = self.write_back_study(study_uid, patient)
-            study_ref = study_ref or ref
+        uids = list(dict.fromkeys(studies))
+        study_ref = f"ImagingStudy/{uuid.uuid5(uuid.NAMESPACE_OID, uids[0])}" if uids else ""
         code, text = ("duplicate", "the same content was already stored for this patient; "
                       "the stored instance is reused") if reused and not built else ("", "")
-        with self.db.transaction(durable=False) as s:
+
+        def finish(s: Any) -> None:  # in the transaction that keeps the last ImagingStudy
             t = s.get(Task, task.id)
             assert t is not None
             t.status, t.reason_code, t.reason_text = "completed", code, text
             t.output_ref = study_ref
             self.queue.complete(s, job)
+
+        for i, study_uid in enumerate(uids):
+            self.write_back_study(study_uid, patient, finish=finish if i == len(uids) - 1
+                                  else None)
+        if not uids:
+            with self.db.transaction(durable=False) as s:
+                finish(s)
         return "done"
+
+    @staticmethod
+    def _task_in_progress(s: Any, job: ClaimedJob) -> None:
+        """In the claiming transaction: the upload's Task shows in-progress (one commit less
+        per job)."""
+        if job.kind == UPLOAD_JOB:
+            s.execute(update(Task).where(Task.submission_id == job.subject_id,
+                                         Task.status.in_(("requested", "failed")))
+                      .values(status="in-progress", reason_code="", reason_text=""))
 
     def _attachments(self, sub: Submission) -> list[dict[str, Any]]:
         atts = json.loads(sub.attachments_json or "[]")
@@ -360,35 +373,49 @@ class Pipeline:
                     "identifier": {"system": ident.system, "value": ident.value}}
         return {"reference": patient.ref}
 
-    def write_back_study(self, study_instance_uid: str, patient: PatientRecord) -> str:
+    def write_back_study(self, study_instance_uid: str, patient: PatientRecord, *,
+                         finish: Callable[[Any], None] | None = None) -> str:
         """(Re)build the ImagingStudy from every current instance stored for the study (not
         those of a superseded upload); write it to the EHR by conditional update, keep our
         copy. Workers finishing uploads of one study at the same time each write; whoever
         wrote a set that is no longer current writes again, so the last write is complete.
-        Returns `ImagingStudy/{our id}`."""
+        `finish` runs in the transaction that keeps the complete copy (the caller's last
+        step, e.g. Task completed). Returns `ImagingStudy/{our id}`."""
         local_id = str(uuid.uuid5(uuid.NAMESPACE_OID, study_instance_uid))
         subject = self.subject_reference(patient)
-        written: tuple[str, ...] | None = None
+        rows = self._current_instances(study_instance_uid)
         for _ in range(5):
-            rows = self._current_instances(study_instance_uid)
-            current = tuple(sorted(r.sop_instance_uid for r in rows))
-            if current == written or not rows:
+            if not rows:
                 break
-            self._write_study(study_instance_uid, local_id, rows, subject, patient)
-            written = current
+            rows, complete = self._write_study(study_instance_uid, local_id, rows, subject,
+                                               patient, finish)
+            if complete:
+                return f"ImagingStudy/{local_id}"
+        if finish is not None:
+            with self.db.transaction(durable=False) as s:
+                finish(s)
         return f"ImagingStudy/{local_id}"
 
     def _current_instances(self, study_instance_uid: str) -> list[StoredInstance]:
         with self.db.session() as s:
-            return list(s.scalars(
-                select(StoredInstance)
+            return list(s.scalars(self._current_query(study_instance_uid)))
+
+    @staticmethod
+    def _current_query(study_instance_uid: str) -> Any:
+        """The study's instances, without those of a superseded upload."""
+        return (select(StoredInstance)
                 .join(Submission, Submission.id == StoredInstance.submission_id, isouter=True)
                 .where(StoredInstance.study_instance_uid == study_instance_uid,
                        (Submission.superseded_by == "") | (Submission.id.is_(None)))
-                .order_by(StoredInstance.series_instance_uid, StoredInstance.id)))
+                .order_by(StoredInstance.series_instance_uid, StoredInstance.id))
 
     def _write_study(self, study_instance_uid: str, local_id: str, rows: list[StoredInstance],
-                     subject: dict[str, Any], patient: PatientRecord) -> None:
+                     subject: dict[str, Any], patient: PatientRecord,
+                     finish: Callable[[Any], None] | None
+                     ) -> tuple[list[StoredInstance], bool]:
+        """Write the ImagingStudy of `rows`; keep our copy and, when no instance was added or
+        superseded meanwhile (checked under the write lock), run `finish` in the same
+        transaction. Returns (the current instances, whether `rows` were still current)."""
         summaries = [summary_from_file(Path(r.file_path)) for r in rows]
         resource = imaging_study(summaries, subject=subject,
                                  wado_rs_url=self.options.wado_rs_url, resource_id=local_id)
@@ -401,6 +428,7 @@ class Pipeline:
                 raise Permanent("ehr-refused", str(exc)) from None
         patient_key = subject.get("reference") or (
             f"{subject['identifier']['system']}|{subject['identifier']['value']}")
+        written = sorted(r.sop_instance_uid for r in rows)
         with self.db.transaction(durable=False) as s:
             rec = s.get(ImagingStudyRecord, local_id)
             if rec is None:
@@ -409,6 +437,11 @@ class Pipeline:
             rec.patient_ref = patient_key
             rec.resource_json = json.dumps(resource)
             rec.ehr_id = ehr_id or rec.ehr_id or ""
+            current = list(s.scalars(self._current_query(study_instance_uid)))
+            complete = sorted(r.sop_instance_uid for r in current) == written
+            if complete and finish is not None:
+                finish(s)
+        return current, complete
 
     # -- task state ------------------------------------------------------------------------
     def _hold(self, job: ClaimedJob, task_id: str, verdict: Held) -> None:

@@ -10,6 +10,7 @@ import json
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -51,8 +52,11 @@ class JobQueue:
         self.backoff_base = backoff_base_seconds
         self.backoff_max = backoff_max_seconds
 
-    def claim(self, owner: str, kinds: tuple[str, ...] | None = None) -> ClaimedJob | None:
-        """Take the oldest due job: queued and due, or running with an expired lease."""
+    def claim(self, owner: str, kinds: tuple[str, ...] | None = None,
+              on_claim: Callable[[Session, ClaimedJob], None] | None = None
+              ) -> ClaimedJob | None:
+        """Take the oldest due job: queued and due, or running with an expired lease.
+        `on_claim` runs inside the claiming transaction (e.g. Task → in-progress)."""
         now = utcnow()
         due = or_(
             (Job.state == "queued") & (Job.next_attempt_at <= now),
@@ -84,8 +88,11 @@ class JobQueue:
                         attempts=Job.attempts + 1, updated_at=now)
                 .returning(Job.id, Job.kind, Job.subject_id, Job.payload_json, Job.attempts)
             ).one()
-        return ClaimedJob(row.id, row.kind, row.subject_id, json.loads(row.payload_json),
-                          row.attempts)
+            claimed = ClaimedJob(row.id, row.kind, row.subject_id, json.loads(row.payload_json),
+                                 row.attempts)
+            if on_claim is not None:
+                on_claim(s, claimed)
+        return claimed
 
     @staticmethod
     def _still_ours(job: ClaimedJob):  # type: ignore[no-untyped-def]
