@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 from pydicom import Dataset, dcmread
-from pynetdicom import AE, build_context
+from pynetdicom import AE, _config, build_context
 from pynetdicom.association import Association
 
 from fhirbridge.adapters.blobs import write_durably
@@ -33,13 +33,18 @@ class PacsError(Exception):
 
 
 class Pacs(Protocol):
-    def store(self, datasets: list[Dataset]) -> None: ...
+    def store(self, datasets: list[Dataset], files: list[Path] | None = None) -> None:
+        """Store the objects. `files`, when given, are the same objects already written as
+        Part 10 files (in order): they are sent as they are, not encoded again."""
     def replace(self, corrected: list[tuple[str, Dataset]]) -> None: ...
     def ping(self) -> bool: ...
     def close(self) -> None: ...
     @property
     def wado_rs_url(self) -> str: ...
 
+
+# Files passed to send_c_store are streamed from disk, not decoded and re-encoded.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 # PS3.4 Annex B.2.3 C-STORE status: 0000 success; B000/B007/B006 warnings (stored);
 # 0111 "duplicate SOP instance" is success for an idempotent retry.
@@ -92,18 +97,20 @@ class DimsePacs:
         self._shared.assoc, self._shared.contexts = assoc, want
         return assoc
 
-    def store(self, datasets: list[Dataset]) -> None:
+    def store(self, datasets: list[Dataset], files: list[Path] | None = None) -> None:
         with self._lock:
-            self._store(datasets)
+            self._store(datasets, files)
 
-    def _store(self, datasets: list[Dataset]) -> None:
+    def _store(self, datasets: list[Dataset], files: list[Path] | None = None) -> None:
         # Propose each object's own transfer syntax (PS3.8 9.3.2.2): no transcoding.
         contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
         for attempt in (1, 2):
             assoc = self._association(contexts)
             try:
-                for ds in datasets:
-                    status = assoc.send_c_store(ds)
+                for i, ds in enumerate(datasets):
+                    # a written file goes out in chunks straight from disk (no re-encoding,
+                    # and a video is never whole in memory): STORE_SEND_CHUNKED_DATASET
+                    status = assoc.send_c_store(files[i] if files else ds)
                     if not status or "Status" not in status:
                         raise ConnectionError("no C-STORE response")
                     code = int(status.Status)
@@ -171,12 +178,12 @@ class StowRsPacs:
     def wado_rs_url(self) -> str:
         return self._wado
 
-    def store(self, datasets: list[Dataset]) -> None:
+    def store(self, datasets: list[Dataset], files: list[Path] | None = None) -> None:
         boundary = uuid.uuid4().hex
         body = io.BytesIO()
-        for ds in datasets:
+        for i, ds in enumerate(datasets):
             body.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-            body.write(write_dataset(ds))
+            body.write(files[i].read_bytes() if files else write_dataset(ds))
             body.write(b"\r\n")
         body.write(f"--{boundary}--\r\n".encode())
         try:
@@ -243,10 +250,11 @@ class FolderPacs:
         return (self.root / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID)
                 / f"{ds.SOPInstanceUID}.dcm")
 
-    def store(self, datasets: list[Dataset]) -> None:
-        for ds in datasets:
+    def store(self, datasets: list[Dataset], files: list[Path] | None = None) -> None:
+        for i, ds in enumerate(datasets):
             # a retry overwrites: same UID, same object
-            write_durably(self.path_for(ds), write_dataset(ds))
+            write_durably(self.path_for(ds), files[i].read_bytes() if files
+                          else write_dataset(ds))
 
     def replace(self, corrected: list[tuple[str, Dataset]]) -> None:
         self.store([ds for _, ds in corrected])  # same path: the file is replaced
@@ -277,8 +285,8 @@ class OrthancCorrections:
     def wado_rs_url(self) -> str:
         return self.pacs.wado_rs_url
 
-    def store(self, datasets: list[Dataset]) -> None:
-        self.pacs.store(datasets)
+    def store(self, datasets: list[Dataset], files: list[Path] | None = None) -> None:
+        self.pacs.store(datasets, files)
 
     def replace(self, corrected: list[tuple[str, Dataset]]) -> None:
         self.pacs.store([ds for _, ds in corrected])

@@ -198,7 +198,7 @@ class Pipeline:
 
         # 4. PACS
         if built:
-            self.pacs.store([ds for _, _, ds, _ in built])
+            self.pacs.store([ds for _, _, ds, _ in built], [path for _, _, _, path in built])
 
         # 5. ImagingStudy: at the EHR (conditional update), then ours, then Task completed
         with self.db.transaction(durable=False) as s:
