@@ -7,7 +7,6 @@ PostgreSQL when FHIRBRIDGE_TEST_POSTGRES_URL is set).
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -18,17 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy import event, func, select
 
 from fhirbridge.config import IdentifierDomain
 from fhirbridge.hl7 import MLLPServer
 from fhirbridge.pipeline.adt_feed import AdtFeed, GroupCommitter
 from fhirbridge.store.db import Database
+from tests.support.databases import fresh_database
 from fhirbridge.store.models import Hl7Message, IndexHistory, IndexIdentifier
 from fhirbridge.store.patient_index import PatientIndex
 from tests.hl7.test_mllp import Loop, frame, msa, read_acks
 
-PG_ENV = "FHIRBRIDGE_TEST_POSTGRES_URL"
 MRN = "urn:oid:2.16.840.1.113883.3.7777"
 REGION = "urn:oid:2.16.840.1.113883.3.999"
 DOMAINS = [IdentifierDomain(fhir_system=MRN, hl7_assigning_authority="HOSP", default=True),
@@ -51,29 +50,7 @@ def loop() -> Iterator[Loop]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'adt.db'}")
-        database.create_schema()
-        yield database
-        database.dispose()
-        return
-    base_url = os.environ.get(PG_ENV)
-    if not base_url:
-        pytest.skip(f"{PG_ENV} not set: PostgreSQL backend not tested")
-    schema = f"t_{uuid.uuid4().hex}"
-    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in base_url else "?"
-    database = Database(f"{base_url}{sep}options=-csearch_path%3D{schema}")
-    try:
-        database.create_schema()
-        yield database
-    finally:
-        database.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    yield from fresh_database(request.param, tmp_path)
 
 
 MakeService = Callable[..., "Service"]

@@ -9,24 +9,23 @@ PostgreSQL runs when FHIRBRIDGE_TEST_POSTGRES_URL is set (a fresh schema per tes
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, create_engine, event, func, select, text
+from sqlalchemy import Connection, event, func, select, text
 
 from fhirbridge.config import IdentifierDomain
 from fhirbridge.hl7 import AckDecision, ParsedMessage, parse_adt
 from fhirbridge.identity.model import Identifier
 from fhirbridge.pipeline.adt_feed import AdtFeed
 from fhirbridge.store.db import Database
+from tests.support.databases import fresh_database
 from fhirbridge.store.models import Hl7Message, IndexHistory, IndexIdentifier, IndexPatient, Job
 from fhirbridge.store.patient_index import PatientIndex
 
-PG_ENV = "FHIRBRIDGE_TEST_POSTGRES_URL"
 MRN = "urn:oid:2.16.840.1.113883.3.7777"
 REGION = "urn:oid:2.16.840.1.113883.3.999"
 DOMAINS = [IdentifierDomain(fhir_system=MRN, hl7_assigning_authority="HOSP", default=True),
@@ -35,29 +34,7 @@ DOMAINS = [IdentifierDomain(fhir_system=MRN, hl7_assigning_authority="HOSP", def
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'index.db'}")
-        database.create_schema()
-        yield database
-        database.dispose()
-        return
-    base_url = os.environ.get(PG_ENV)
-    if not base_url:
-        pytest.skip(f"{PG_ENV} not set: PostgreSQL backend not tested")
-    schema = f"t_{uuid.uuid4().hex}"
-    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in base_url else "?"
-    database = Database(f"{base_url}{sep}options=-csearch_path%3D{schema}")
-    try:
-        database.create_schema()
-        yield database
-    finally:
-        database.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    yield from fresh_database(request.param, tmp_path)
 
 
 @pytest.fixture

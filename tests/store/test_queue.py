@@ -6,56 +6,26 @@ schema, dropped afterwards.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from fhirbridge.pipeline.queue import ClaimedJob, JobQueue, enqueue
 from fhirbridge.store.db import Database
+from tests.support.databases import fresh_database
 from fhirbridge.store.models import Job
 
-PG_ENV = "FHIRBRIDGE_TEST_POSTGRES_URL"
-PG_SKIP_REASON = "FHIRBRIDGE_TEST_POSTGRES_URL not set: PostgreSQL backend not tested"
-
-
-def _with_search_path(url: str, schema: str) -> str:
-    sep = "&" if "?" in url else "?"
-    return f"{url}{sep}options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'queue.db'}")
-        database.create_schema()
-        yield database
-        database.dispose()
-        return
-
-    base_url = os.environ.get(PG_ENV)
-    if not base_url:
-        pytest.skip(PG_SKIP_REASON)
-    schema = f"t_{uuid.uuid4().hex}"
-    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    database = Database(_with_search_path(base_url, schema))
-    try:
-        database.create_schema()
-        yield database
-    finally:
-        database.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    yield from fresh_database(request.param, tmp_path)
 
 
 def _add(db: Database, n: int = 1, kind: str = "ingest", **kw: float) -> list[int]:
