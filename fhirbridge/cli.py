@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         app = create_app(services)
-        children = start_worker_processes(args.config, settings.pipeline.worker_processes)
+        children = start_worker_processes(
+            args.config, settings.pipeline.worker_processes if settings.pipeline.workers else 0)
         # h11, not httptools: with a lying Content-Length, httptools drops the valid first
         # request and answers text/plain; h11 answers it (an OperationOutcome) in order.
         uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level="info",
