@@ -23,6 +23,7 @@ from fhirbridge.adapters.blobs import BlobStore
 from fhirbridge.adapters.ehr import FhirEhr
 from fhirbridge.adapters.pacs import Pacs, open_pacs
 from fhirbridge.config import Settings
+from fhirbridge.media.video import probe_video
 from fhirbridge.pipeline.corrections import RECONCILE_JOB, reconcile
 from fhirbridge.pipeline.ehr_recheck import EHR_RECHECK_JOB, recheck, schedule_recheck
 from fhirbridge.pipeline.intake import IntakeContext, StagedBlob
@@ -67,7 +68,7 @@ class Services:
         """What intake needs for one request (bundle_blobs is per request)."""
         return IntakeContext(blobs=self.blobs, limits=self.settings.media.limits(),
                              local_binary=self.local_binary, url_allowed=self.url_allowed,
-                             probe_video=probe_video_or_none(),
+                             probe_video=probe_video,
                              own_base=self.settings.fhir_base_url)
 
     def local_binary(self, binary_id: str) -> StagedBlob | None:
@@ -88,14 +89,6 @@ class Services:
         if self.ehr is not None:
             self.ehr.close()
         self.db.dispose()
-
-
-def probe_video_or_none() -> Callable[[Any], Any] | None:
-    try:
-        from fhirbridge.media.video import probe_video
-    except ImportError:
-        return None
-    return probe_video
 
 
 def build_services(settings: Settings) -> Services:

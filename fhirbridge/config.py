@@ -17,6 +17,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from fhirbridge.media.kinds import MediaLimits
+
 
 class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
@@ -85,9 +87,7 @@ class MediaSettings(BaseModel):
     max_video_seconds: float = 600.0
     max_binary_bytes: int = 2 * 1024 * 1024 * 1024  # POST /fhir/Binary raw body; over: 413
 
-    def limits(self):  # type: ignore[no-untyped-def]
-        from fhirbridge.media.kinds import MediaLimits
-
+    def limits(self) -> MediaLimits:
         return MediaLimits(max_pixels=self.max_pixels, min_side=self.min_side,
                            uniform_stddev=self.uniform_stddev, max_pdf_bytes=self.max_pdf_bytes,
                            max_video_bytes=self.max_video_bytes,

@@ -14,8 +14,15 @@ from fhirbridge.dicom.context import CodedConcept, PatientDemographics, StudyCon
 from fhirbridge.dicom.io import write_dataset
 from fhirbridge.dicom.uids import uid_from
 from fhirbridge.media.errors import MediaError
-from fhirbridge.media.kinds import ACCEPTED_TYPES, PDF, SERIES_DESCRIPTION, SERIES_NUMBER, \
-    VIDEO, MediaLimits, kind_of
+from fhirbridge.media.kinds import (
+    ACCEPTED_TYPES,
+    PDF,
+    SERIES_DESCRIPTION,
+    SERIES_NUMBER,
+    VIDEO,
+    MediaLimits,
+    kind_of,
+)
 from fhirbridge.media.sniff import sniff_content_type
 
 

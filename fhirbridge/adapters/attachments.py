@@ -36,6 +36,12 @@ _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _FHIR_JSON = ("application/fhir+json", "application/json")
 
 
+def local_binary_id(url: str) -> str | None:
+    """The id of a relative `Binary/{id}` reference, else None."""
+    m = _LOCAL_BINARY.match(url)
+    return m.group(1) if m else None
+
+
 class AttachmentRefused(Exception):
     """A definite no: not allowed, too large, not found, HTTP 4xx. Retrying will not help.
 

@@ -12,7 +12,7 @@ import hashlib
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,24 +66,14 @@ class BlobStore:
             return result
 
         try:
-            if isinstance(chunks, AsyncIterable):
-                async for chunk in chunks:
-                    writer.count(len(chunk))
-                    if chunk:
-                        batch.append(chunk)
-                        pending += len(chunk)
-                    if pending >= _BATCH_BYTES:
-                        await flush(writer.write_all, batch)
-                        batch, pending = [], 0
-            else:
-                for chunk in chunks:
-                    writer.count(len(chunk))
-                    if chunk:
-                        batch.append(chunk)
-                        pending += len(chunk)
-                    if pending >= _BATCH_BYTES:
-                        await flush(writer.write_all, batch)
-                        batch, pending = [], 0
+            async for chunk in _aiter(chunks):
+                writer.count(len(chunk))
+                if chunk:
+                    batch.append(chunk)
+                    pending += len(chunk)
+                if pending >= _BATCH_BYTES:
+                    await flush(writer.write_all, batch)
+                    batch, pending = [], 0
             if batch:
                 await flush(writer.write_all, batch)
             batch = []
@@ -174,6 +164,15 @@ class _Writer:
 
 def _rel(digest: str) -> str:
     return f"{digest[:2]}/{digest}"
+
+
+async def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk
 
 
 def write_durably(path: Path, data: bytes) -> None:

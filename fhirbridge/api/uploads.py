@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -30,7 +31,7 @@ async def _body(request: Request) -> bytes:
     return await request.body()
 
 
-def _created(request: Request, inbound: InboundUpload, accepted: Accepted) -> dict:
+def _created(inbound: InboundUpload, accepted: Accepted) -> dict[str, Any]:
     """The stored resource as answered: our id, attachment data left out."""
     resource = dict(inbound.resource, id=accepted.resource_id)
     if accepted.resource_type == "Media":
@@ -56,7 +57,7 @@ async def _create(request: Request, resource_type: str) -> Response:
                                          probe_video=ctx.probe_video), body)
     accepted = await svc.run_sync(accept_upload, svc.db, ctx, inbound)
     svc.metrics.uploads_accepted.inc()
-    return fhir_response(_created(request, inbound, accepted), 201, headers={
+    return fhir_response(_created(inbound, accepted), 201, headers={
         "Location": _location(request, accepted),
         "X-Task": f"Task/{accepted.task_id}",
     })
@@ -86,7 +87,7 @@ async def transaction(request: Request) -> Response:
             ctx.bundle_blobs[entry.full_url] = StagedBlob(rel, digest, len(entry.data),
                                                           entry.content_type)
     uploads = [e for e in bundle.entries if isinstance(e, InboundUpload)]
-    results: list = []
+    results: list[dict[str, Any] | FhirError] = []
     if bundle.type == "transaction":
         accepted = await svc.run_sync(accept_bundle, svc.db, ctx, uploads) if uploads else []
     else:

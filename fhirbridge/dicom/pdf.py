@@ -34,9 +34,20 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from fhirbridge.dicom.context import PatientDemographics, StudyContext
 from fhirbridge.dicom.modules import (
-    SOFTWARE_VERSION, _da, _dt, _in_zone, _lo, _tm, add_contributing_equipment,
-    add_general_equipment, add_general_series, add_general_study, add_patient, add_sop_common,
-    new_dataset, object_zone,
+    SOFTWARE_VERSION,
+    _da,
+    _dt,
+    _in_zone,
+    _lo,
+    _tm,
+    add_contributing_equipment,
+    add_general_equipment,
+    add_general_series,
+    add_general_study,
+    add_patient,
+    add_sop_common,
+    new_dataset,
+    object_zone,
 )
 from fhirbridge.media.pdf import PreparedPdf
 

@@ -24,9 +24,20 @@ from pydicom.uid import JPEGBaseline8Bit
 
 from fhirbridge.dicom.context import PatientDemographics, StudyContext
 from fhirbridge.dicom.modules import (
-    IMPLEMENTATION_VERSION_NAME, SOFTWARE_VERSION, _ds, _dt, _lt, add_anatomy,
-    add_content_datetime, add_contributing_equipment, add_general_equipment,
-    add_general_series, add_general_study, add_patient, add_sop_common, new_dataset,
+    IMPLEMENTATION_VERSION_NAME,
+    SOFTWARE_VERSION,
+    _ds,
+    _dt,
+    _lt,
+    add_anatomy,
+    add_content_datetime,
+    add_contributing_equipment,
+    add_general_equipment,
+    add_general_series,
+    add_general_study,
+    add_patient,
+    add_sop_common,
+    new_dataset,
     object_zone,
 )
 from fhirbridge.media.photo import PreparedPhoto

@@ -36,9 +36,20 @@ from pydicom.tag import Tag
 
 from fhirbridge.dicom.context import CodedConcept, PatientDemographics, StudyContext
 from fhirbridge.dicom.modules import (
-    _code_item, _ds, _dt, _lt, add_anatomy, add_content_datetime, add_contributing_equipment,
-    add_general_equipment, add_general_series, add_general_study, add_patient, add_sop_common,
-    new_dataset, object_zone,
+    _code_item,
+    _ds,
+    _dt,
+    _lt,
+    add_anatomy,
+    add_content_datetime,
+    add_contributing_equipment,
+    add_general_equipment,
+    add_general_series,
+    add_general_study,
+    add_patient,
+    add_sop_common,
+    new_dataset,
+    object_zone,
 )
 from fhirbridge.media.video import PreparedVideo
 

@@ -40,8 +40,14 @@ from PIL import Image, ImageStat
 
 from fhirbridge.media import jpeg as jp
 from fhirbridge.media.errors import (
-    NOT_DECODABLE, TOO_MANY_PIXELS, TOO_SMALL, TRUNCATED, TYPE_MISMATCH, UNIFORM,
-    UNSUPPORTED_TYPE, MediaError,
+    NOT_DECODABLE,
+    TOO_MANY_PIXELS,
+    TOO_SMALL,
+    TRUNCATED,
+    TYPE_MISMATCH,
+    UNIFORM,
+    UNSUPPORTED_TYPE,
+    MediaError,
 )
 from fhirbridge.media.sniff import content_type_matches, normalize_content_type, sniff_content_type
 

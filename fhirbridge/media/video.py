@@ -69,7 +69,12 @@ from fractions import Fraction
 from pathlib import Path
 
 from fhirbridge.media.errors import (
-    NOT_DECODABLE, TOO_LARGE, TOO_LONG, TYPE_MISMATCH, UNSUPPORTED_CODEC, MediaError,
+    NOT_DECODABLE,
+    TOO_LARGE,
+    TOO_LONG,
+    TYPE_MISMATCH,
+    UNSUPPORTED_CODEC,
+    MediaError,
 )
 from fhirbridge.media.sniff import sniff_content_type
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from pydicom import dcmread
 from sqlalchemy import select
 
+from fhirbridge.adapters.blobs import write_durably
 from fhirbridge.dicom.correct import correct_patient, differs
 from fhirbridge.dicom.io import write_dataset
 from fhirbridge.identity.model import Identifier, SubjectClaim
 from fhirbridge.identity.policy import Held
-from fhirbridge.adapters.blobs import write_durably
 from fhirbridge.pipeline.process import Permanent, Pipeline
 from fhirbridge.pipeline.queue import ClaimedJob
 from fhirbridge.store.models import StoredInstance

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from fhirbridge.adapters.attachments import local_binary_id
 from fhirbridge.adapters.blobs import BlobStore
 from fhirbridge.fhir.outcome import FhirError
 from fhirbridge.fhir.upload import InboundAttachment, InboundUpload, check_content
@@ -27,7 +27,6 @@ from fhirbridge.store.db import Database
 from fhirbridge.store.models import Submission, Task
 
 UPLOAD_JOB = "upload"
-_LOCAL_BINARY = re.compile(r"^Binary/([A-Za-z0-9\-.]{1,64})$")
 
 
 @dataclass(frozen=True)
@@ -107,9 +106,9 @@ def _resolve_local(att: InboundAttachment, ctx: IntakeContext) -> StagedBlob | N
         url = att.url
         if ctx.own_base and url.startswith(ctx.own_base.rstrip("/") + "/"):
             url = url[len(ctx.own_base.rstrip("/")) + 1:]
-        m = _LOCAL_BINARY.match(url)
-        if m and "://" not in url:
-            blob = ctx.local_binary(m.group(1))
+        binary_id = local_binary_id(url)
+        if binary_id is not None:
+            blob = ctx.local_binary(binary_id)
     if blob is None:
         return None
     check_held_bytes(att, blob, ctx)

@@ -24,23 +24,29 @@ from fhirbridge.adapters.blobs import BlobStore, write_durably
 from fhirbridge.adapters.ehr import EhrRefused, EhrUnavailable, FhirEhr
 from fhirbridge.adapters.pacs import Pacs, PacsError
 from fhirbridge.config import IdentifierDomain
+from fhirbridge.dicom.build import build_object, prepare_media
 from fhirbridge.dicom.context import PatientDemographics, StudyContext
 from fhirbridge.dicom.io import write_dataset
-from fhirbridge.dicom.build import build_object, prepare_media
 from fhirbridge.dicom.uids import uid_from
+from fhirbridge.fhir.documentreference import describe_document_reference
 from fhirbridge.fhir.imagingstudy import (
     InstanceSummary,
     imaging_study,
     study_identifier_token,
 )
-from fhirbridge.fhir.documentreference import describe_document_reference
 from fhirbridge.fhir.media import describe_media
 from fhirbridge.fhir.upload import UploadDescription
 from fhirbridge.identity.model import PatientRecord, review_summary
 from fhirbridge.identity.policy import Held, Matched
 from fhirbridge.media.errors import MediaError
 from fhirbridge.media.kinds import (
-    PDF, PHOTO, SERIES_DESCRIPTION, SERIES_NUMBER, VIDEO, MediaLimits, kind_of,
+    PDF,
+    PHOTO,
+    SERIES_DESCRIPTION,
+    SERIES_NUMBER,
+    VIDEO,
+    MediaLimits,
+    kind_of,
 )
 from fhirbridge.media.sniff import content_type_matches, sniff_content_type
 from fhirbridge.pipeline.intake import UPLOAD_JOB
@@ -481,12 +487,6 @@ class Pipeline:
             return patient_record_from_fhir(found) if found else None
         index = self.resolver.index
         return index.get(ref) if index is not None else None
-
-    def _set_task(self, task_id: str, status: str, code: str = "", text: str = "") -> None:
-        with self.db.transaction(durable=False) as s:
-            t = s.get(Task, task_id)
-            if t is not None:
-                t.status, t.reason_code, t.reason_text = status, code, text
 
     def _set_task_for(self, job: ClaimedJob, status: str, code: str, text: str) -> None:
         if job.kind != UPLOAD_JOB:

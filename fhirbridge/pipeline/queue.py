@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import or_, select, update

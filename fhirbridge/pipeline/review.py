@@ -12,11 +12,11 @@ from typing import Any
 
 from sqlalchemy import select
 
+from fhirbridge.identity.model import review_summary
 from fhirbridge.pipeline.intake import UPLOAD_JOB
 from fhirbridge.pipeline.process import describe_upload
 from fhirbridge.pipeline.queue import enqueue
 from fhirbridge.store.db import Database
-from fhirbridge.identity.model import review_summary
 from fhirbridge.store.models import ReviewDecision, Submission, Task
 
 
