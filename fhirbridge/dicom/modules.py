@@ -182,6 +182,17 @@ def add_content_datetime(ds: Dataset, ctx: StudyContext, *, zone: tzinfo | None)
         ds.SeriesDate, ds.SeriesTime = _da(c), _tm(c)
 
 
+def add_camera_image(ds: Dataset, ctx: StudyContext) -> None:
+    """General Image attributes of a patient's photo or video (PS3.3 C.7.6.1): the upload's
+    notes as ImageComments, nothing burned in, a recognisable person, lossy compressed."""
+    comments = "\n".join(c for c in ctx.comments if c)
+    if comments:
+        ds.ImageComments = _lt(comments)
+    ds.BurnedInAnnotation = "NO"
+    ds.RecognizableVisualFeatures = "YES"
+    ds.LossyImageCompression = "01"
+
+
 def add_general_equipment(ds: Dataset, make: str, model: str) -> None:
     """General Equipment (C.7.5.1): Manufacturer (Type 2) and ManufacturerModelName."""
     ds.Manufacturer = _lo(make)

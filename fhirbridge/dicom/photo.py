@@ -30,6 +30,7 @@ from fhirbridge.dicom.modules import (
     _dt,
     _lt,
     add_anatomy,
+    add_camera_image,
     add_content_datetime,
     add_contributing_equipment,
     add_general_equipment,
@@ -84,12 +85,7 @@ def build_vl_photographic(photo: PreparedPhoto, patient: PatientDemographics,
         ds.AcquisitionDateTime = _dt(acquired)
     if photo.derived and photo.derivation_description:
         ds.DerivationDescription = _lt(photo.derivation_description, 1024)
-    comments = "\n".join(c for c in ctx.comments if c)
-    if comments:
-        ds.ImageComments = _lt(comments)
-    ds.BurnedInAnnotation = "NO"
-    ds.RecognizableVisualFeatures = "YES"
-    ds.LossyImageCompression = "01"
+    add_camera_image(ds, ctx)
     if photo.lossy_ratios:
         ds.LossyImageCompressionRatio = list(photo.lossy_ratios)
         ds.LossyImageCompressionMethod = ["ISO_10918_1"] * len(photo.lossy_ratios)

@@ -39,8 +39,8 @@ from fhirbridge.dicom.modules import (
     _code_item,
     _ds,
     _dt,
-    _lt,
     add_anatomy,
+    add_camera_image,
     add_content_datetime,
     add_contributing_equipment,
     add_general_equipment,
@@ -100,12 +100,7 @@ def build_video_photographic(video: PreparedVideo, patient: PatientDemographics,
     add_content_datetime(ds, ctx, zone=zone)
     if ctx.content_datetime is not None:
         ds.AcquisitionDateTime = _dt(ctx.content_datetime)
-    comments = "\n".join(c for c in ctx.comments if c)
-    if comments:
-        ds.ImageComments = _lt(comments)
-    ds.BurnedInAnnotation = "NO"
-    ds.RecognizableVisualFeatures = "YES"
-    ds.LossyImageCompression = "01"
+    add_camera_image(ds, ctx)
     ds.LossyImageCompressionMethod = "ISO_14496_10" if info.codec == "h264" else "ISO_23008_2"
     add_anatomy(ds, ctx)
     if "AnatomicRegionSequence" not in ds:
