@@ -96,15 +96,11 @@ def make_mp4(path: Path, mb: int) -> Path:
                                                        "preset": "ultrafast", "crf": "1"})
         s.width, s.height, s.pix_fmt = 1280, 720, "yuv420p"
         frame_img = photo_image(1280, 720)
-        i = 0
-        while path.stat().st_size < mb * 1024 * 1024 if path.exists() else True:
-            img = frame_img.rotate(i % 360)
-            for packet in s.encode(av.VideoFrame.from_image(img)):
+        target = mb * 1024 * 1024
+        for i in range(25 * 600):  # at most 10 minutes of video
+            for packet in s.encode(av.VideoFrame.from_image(frame_img.rotate(i % 360))):
                 out.mux(packet)
-            i += 1
-            if i % 25 == 0 and path.exists() and path.stat().st_size >= mb * 1024 * 1024:
-                break
-            if i > 25 * 600:
+            if i % 25 == 24 and path.stat().st_size >= target:
                 break
         for packet in s.encode():
             out.mux(packet)

@@ -340,7 +340,7 @@ def _jpeg_luma_stddev(data: bytes, columns: int, rows: int, max_pixels: int) -> 
 
 
 _HEAD_SHARE = 4  # decode the first 1/4 of the scan's bytes...
-_BAND_SHARE = 16  # ...and look at the top 1/16 of the rows
+_BAND_SHARE = 5  # ...and look at the top 1/5 of the rows
 
 
 def _jpeg_not_uniform_early(data: bytes, info: jp.JpegInfo, uniform_stddev: float,
@@ -349,10 +349,11 @@ def _jpeg_not_uniform_early(data: bytes, info: jp.JpegInfo, uniform_stddev: floa
     uniform, after decoding only the first quarter of its entropy-coded data (1/8 scale).
 
     The total variance of an image is at least its band's share times the band's variance
-    (within-group variance only counts part of the total), so a band of 1/16 of the rows
-    whose luminance std-dev is >= 4 x the threshold proves the image's std-dev >= the
-    threshold. Rows the short decode did not reach are never in that band for an evenly
-    coded (blank-like) image: 1/4 of the bytes covers about 1/4 of its rows. Otherwise
+    (within-group variance only counts part of the total), so a band of 1/5 of the rows
+    whose luminance std-dev is >= sqrt(5) x the threshold proves the image's std-dev >= the
+    threshold. For an evenly coded (blank-like) image 1/4 of the bytes covers about 1/4 of its
+    rows, so the band was decoded; where the top is so busy that it was not, the rows the
+    decoder filled repeat the last decoded block, and such an image is not blank. Otherwise
     (sky at the top, a document's margin) the caller does the full 1/8-scale decode."""
     sos = next((seg for seg in info.segments if seg.marker == jp.SOS), None)
     if sos is None or info.scans != 1 or not info.end:

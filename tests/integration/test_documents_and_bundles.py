@@ -15,7 +15,7 @@ import httpx
 import pydicom
 import pytest
 
-from tests.integration.test_photo_end_to_end import MRN_SYSTEM, unique_photo
+from tests.integration.test_photo_end_to_end import unique_photo
 from tests.support.service import FhirbridgeService
 
 VL_PHOTO = "1.2.840.10008.5.1.4.1.1.77.1.4"
@@ -59,28 +59,6 @@ def media(patient: dict[str, Any], photo: bytes) -> dict[str, Any]:
 def entry(resource: dict[str, Any], full_url: str | None = None) -> dict[str, Any]:
     return {"fullUrl": full_url or f"urn:uuid:{uuid.uuid4()}", "resource": resource,
             "request": {"method": "POST", "url": resource["resourceType"]}}
-
-
-@pytest.fixture(scope="module")
-def patient(fhir_server) -> dict[str, Any]:
-    res = {"resourceType": "Patient", "active": True,
-           "identifier": [{"system": MRN_SYSTEM, "value": f"MRN-D-{uuid.uuid4().hex[:6]}"}],
-           "name": [{"family": "O'Brien-Smith", "given": ["Zoë"]}],
-           "birthDate": "1971-05-30", "gender": "female"}
-    r = httpx.post(f"{fhir_server.base_url}/Patient", json=res, headers=FHIR_JSON, timeout=10)
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-@pytest.fixture(scope="module")
-def other_patient(fhir_server) -> dict[str, Any]:
-    res = {"resourceType": "Patient", "active": True,
-           "identifier": [{"system": MRN_SYSTEM, "value": f"MRN-E-{uuid.uuid4().hex[:6]}"}],
-           "name": [{"family": "Other", "given": ["Person"]}],
-           "birthDate": "1960-01-01", "gender": "male"}
-    r = httpx.post(f"{fhir_server.base_url}/Patient", json=res, headers=FHIR_JSON, timeout=10)
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 @pytest.fixture(scope="module")

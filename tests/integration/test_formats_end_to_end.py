@@ -14,12 +14,10 @@ import pytest
 from PIL import Image
 
 from tests.integration.test_documents_and_bundles import (
-    attachment, document, done, media, patient, post, stored, task_count, tiny_pdf,
+    attachment, document, done, media, post, stored, task_count, tiny_pdf,
 )
 from tests.media.test_pdf_video import make_video
 from tests.support.service import FhirbridgeService
-
-__all__ = ["patient"]  # the module fixture, shared
 
 VIDEO_PHOTO = "1.2.840.10008.5.1.4.1.1.77.1.4.1"
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"

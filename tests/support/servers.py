@@ -312,6 +312,17 @@ class FhirServer(_Process):
         raise RuntimeError(f"FHIR server did not answer /fhir/metadata within {timeout} s:\n"
                            f"{_log_tail(self.log_path)}")
 
+    def create_patient(self, family: str, given: list[str], birth_date: str, gender: str,
+                       identifiers: list[dict[str, str]], **fields: object) -> dict:
+        """POST a Patient (active unless `fields` says otherwise); the created resource."""
+        res = {"resourceType": "Patient", "active": True, "identifier": identifiers,
+               "name": [{"family": family, "given": given}], "birthDate": birth_date,
+               "gender": gender, **fields}
+        r = httpx.post(f"{self.base_url}/Patient", json=res, timeout=10,
+                       headers={"Content-Type": "application/fhir+json"})
+        assert r.status_code == 201, r.text
+        return r.json()
+
     def stop(self) -> None:
         """SIGKILL and reap. Idempotent."""
         self._kill()
