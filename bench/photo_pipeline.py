@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -68,6 +69,34 @@ def media(photo: bytes, patient_id: str) -> bytes:
     }).encode()
 
 
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a live process has used, from /proc/{pid}/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def cpu_snapshot(roles: dict[str, list[int]]) -> dict[str, tuple[float, float]]:
+    snap = {}
+    for role, pids in roles.items():
+        user = sys_ = 0.0
+        for pid in pids:
+            try:
+                u, s = _cpu_seconds(pid)
+            except OSError:
+                continue
+            user, sys_ = user + u, sys_ + s
+        snap[role] = (user, sys_)
+    return snap
+
+
 def register_by_adt(svc: FhirbridgeService) -> None:
     """The bench patient through the ADT feed (no EHR): one A04 over MLLP, AA expected."""
     import socket
@@ -89,6 +118,8 @@ def main() -> None:
     ap.add_argument("--worker-processes", type=int, default=0,
                     help="more `fhirbridge worker` processes on the same database (besides "
                     "the one `serve` starts: pipeline.worker_processes = 1)")
+    ap.add_argument("--worker-threads", type=int, default=0,
+                    help="threads in each --worker-processes process (default: --workers)")
     ap.add_argument("--py-spy", default="", help="record the service (GIL holders) with "
                     "py-spy during phase 1 into this collapsed-stack file (pip install py-spy)")
     ap.add_argument("--ehr", choices=["fhir", "none"], default="fhir",
@@ -119,6 +150,8 @@ def main() -> None:
                 patient_id = ""
             extra = [subprocess.Popen([str(ROOT / ".venv/bin/fhirbridge"), "worker", "--config",
                                        str(svc.config)], cwd=svc.workdir,
+                                      env={**os.environ, "FHIRBRIDGE_PIPELINE__WORKERS":
+                                           str(args.worker_threads or args.workers)},
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                      for _ in range(args.worker_processes)]
             bodies = [media(unique(photo, i), patient_id) for i in range(args.n)]
@@ -132,6 +165,10 @@ def main() -> None:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             client = httpx.Client(base_url=svc.base, timeout=60)
+            roles = {"serve (HTTP + pipeline threads)": [svc.proc.pid],
+                     "worker processes": _children(svc.proc.pid) + [p.pid for p in extra],
+                     "Orthanc": [orthanc.pid], "bench client": [os.getpid()]}
+            cpu0 = cpu_snapshot(roles)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
                 codes = list(pool.map(lambda b: client.post(
@@ -146,6 +183,7 @@ def main() -> None:
                     break
                 time.sleep(0.1)
             t_fb = time.perf_counter() - t0
+            cpu1 = cpu_snapshot(roles)
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(30)
@@ -153,6 +191,11 @@ def main() -> None:
             rate_fb = args.n / t_fb
             print(f"fhirbridge  : {rate_fb:6.1f} images/s  ({args.n} in {t_fb:.1f} s; all POSTs "
                   f"answered 201 after {t_posted:.1f} s; failed/held {failed})")
+            print("  CPU in that time (user + system s, ms per image):")
+            for role in roles:
+                u = cpu1[role][0] - cpu0[role][0]
+                s_ = cpu1[role][1] - cpu0[role][1]
+                print(f"    {role:32s} {u:5.1f} + {s_:4.1f} s  {(u + s_) / args.n * 1000:5.1f} ms")
 
             # 2. storescu -xy of the objects fhirbridge built (the pipe's limit)
             files = sorted(str(p) for p in (svc.data_dir / "instances").glob("*.dcm"))

@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return dicomize(args)
 
+    from fhirbridge._malloc import tune_malloc
     from fhirbridge.app import Workers, build_services, create_app
+
+    tune_malloc()
     from fhirbridge.config import load_settings
 
     try:

@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 _TMP_PREFIX = ".upload-"
 _BATCH_BYTES = 1024 * 1024  # put_stream hands writes to a thread in batches of about this size
@@ -175,16 +175,24 @@ async def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterato
             yield chunk
 
 
-def write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
     """Write to a temporary name, fsync, rename over `path`, fsync the directory: readers see
-    the old file or the whole new one, and the new one survives a crash."""
+    the old file or the whole new one, and the new one survives a crash. `data` is the bytes,
+    or a function that writes them into the open file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 

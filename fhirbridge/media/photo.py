@@ -339,41 +339,46 @@ def _jpeg_luma_stddev(data: bytes, columns: int, rows: int, max_pixels: int) -> 
     return _luma_stddev(im)
 
 
-_HEAD_SHARE = 4  # decode the first 1/4 of the scan's bytes...
-_BAND_SHARE = 5  # ...and look at the top 1/5 of the rows
+# (share of the scan's bytes decoded, share of the rows looked at): cheap first, then more
+_EARLY_TIERS = ((16, 20), (4, 5))
 
 
 def _jpeg_not_uniform_early(data: bytes, info: jp.JpegInfo, uniform_stddev: float,
                             max_pixels: int) -> bool:
     """True when the top of a single-scan JPEG already proves the whole image is not
-    uniform, after decoding only the first quarter of its entropy-coded data (1/8 scale).
+    uniform, after decoding only the first 1/16 (then 1/4) of its entropy-coded data at 1/8
+    scale.
 
     The total variance of an image is at least its band's share times the band's variance
-    (within-group variance only counts part of the total), so a band of 1/5 of the rows
-    whose luminance std-dev is >= sqrt(5) x the threshold proves the image's std-dev >= the
-    threshold. For an evenly coded (blank-like) image 1/4 of the bytes covers about 1/4 of its
-    rows, so the band was decoded; where the top is so busy that it was not, the rows the
-    decoder filled repeat the last decoded block, and such an image is not blank. Otherwise
-    (sky at the top, a document's margin) the caller does the full 1/8-scale decode."""
+    (within-group variance only counts part of the total), so a band of 1/k of the rows
+    whose luminance std-dev is >= sqrt(k) x the threshold proves the image's std-dev >= the
+    threshold. For an evenly coded (blank-like) image 1/16 of the bytes covers about 1/16 of
+    its rows, so the top 1/20 was decoded; where the top is so busy that it was not, the rows
+    the decoder filled repeat the last decoded block, and such an image is not blank.
+    Otherwise (sky at the top, a document's margin) the caller does the full 1/8-scale
+    decode."""
     sos = next((seg for seg in info.segments if seg.marker == jp.SOS), None)
     if sos is None or info.scans != 1 or not info.end:
         return False
     scan_len = info.end - 2 - sos.end
     if scan_len < 64 * 1024:  # small files: the full decode is cheap anyway
         return False
-    head = bytes(data[:sos.end + scan_len // _HEAD_SHARE]) + b"\xff\xd9"
     rows, columns = info.frame.rows, info.frame.columns
-    with _BombGuard(max_pixels):
-        try:
-            im = Image.open(io.BytesIO(head), formats=["JPEG"])
-            im.draft("L", (max(columns // 8, 1), max(rows // 8, 1)))
-            im.load()
-        except Exception:  # noqa: BLE001 - the full decode decides (and reports)
-            return False
-    band = im.crop((0, 0, im.width, max(1, im.height // _BAND_SHARE)))
-    if band.mode != "L":
-        band = band.convert("L")
-    return float(ImageStat.Stat(band).stddev[0]) >= uniform_stddev * _BAND_SHARE ** 0.5
+    for head_share, band_share in _EARLY_TIERS:
+        head = bytes(data[:sos.end + scan_len // head_share]) + b"\xff\xd9"
+        with _BombGuard(max_pixels):
+            try:
+                im = Image.open(io.BytesIO(head), formats=["JPEG"])
+                im.draft("L", (max(columns // 8, 1), max(rows // 8, 1)))
+                im.load()
+            except Exception:  # noqa: BLE001 - the full decode decides (and reports)
+                return False
+        band = im.crop((0, 0, im.width, max(1, im.height // band_share)))
+        if band.mode != "L":
+            band = band.convert("L")
+        if float(ImageStat.Stat(band).stddev[0]) >= uniform_stddev * band_share ** 0.5:
+            return True
+    return False
 
 
 def _check_uniform(stddev: float, uniform_stddev: float) -> None:

@@ -12,6 +12,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from fhirbridge.adapters.pacs import Pacs, PacsError
 from fhirbridge.config import IdentifierDomain
 from fhirbridge.dicom.build import build_object, prepare_media
 from fhirbridge.dicom.context import PatientDemographics, StudyContext
-from fhirbridge.dicom.io import write_dataset
+from fhirbridge.dicom.io import write_dataset_to
 from fhirbridge.dicom.uids import uid_from
 from fhirbridge.fhir.documentreference import describe_document_reference
 from fhirbridge.fhir.imagingstudy import (
@@ -199,7 +200,7 @@ class Pipeline:
             except ValueError as exc:  # an identifier or code DICOM cannot carry (no PHI)
                 raise Permanent("not-representable-in-dicom", str(exc)) from None
             path = self.options.instances_dir / f"{ctx.sop_instance_uid}.dcm"
-            write_durably(path, write_dataset(ds))
+            write_durably(path, partial(write_dataset_to, ds=ds))
             built.append((att, ctx, ds, path))
 
         # 4. PACS

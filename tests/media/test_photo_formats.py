@@ -704,6 +704,17 @@ def test_busy_photo_is_proved_non_uniform_from_its_first_quarter(monkeypatch):
     assert not p.derived and p.rows == 3024
 
 
+def test_busy_photo_is_proved_from_its_first_sixteenth(monkeypatch):
+    from fhirbridge.media import photo as ph
+
+    def no_full_decode(*_a, **_k):
+        raise AssertionError("the full 1/8-scale decode should not be needed")
+
+    monkeypatch.setattr(ph, "_jpeg_luma_stddev", no_full_decode)
+    monkeypatch.setattr(ph, "_EARLY_TIERS", ph._EARLY_TIERS[:1])  # 1/16 of the bytes only
+    assert prepare_photo(_jpeg_12mp(_busy_12mp()), "image/jpeg").rows == 3024
+
+
 def test_flat_top_falls_back_to_the_full_check():
     w, h = 4032, 3024
     im = _busy_12mp()
