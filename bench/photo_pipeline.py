@@ -76,6 +76,13 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def _machine_cpu() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -117,7 +124,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="worker threads per process")
     ap.add_argument("--worker-processes", type=int, default=0,
                     help="more `fhirbridge worker` processes on the same database (besides "
-                    "the one `serve` starts: pipeline.worker_processes = 1)")
+                    "the ones `serve` starts: pipeline.worker_processes = 2)")
     ap.add_argument("--worker-threads", type=int, default=0,
                     help="threads in each --worker-processes process (default: --workers)")
     ap.add_argument("--py-spy", default="", help="record the service (GIL holders) with "
@@ -165,10 +172,11 @@ def main() -> None:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             client = httpx.Client(base_url=svc.base, timeout=60)
-            roles = {"serve (HTTP + pipeline threads)": [svc.proc.pid],
+            roles = {"serve (HTTP, MLLP)": [svc.proc.pid],
                      "worker processes": _children(svc.proc.pid) + [p.pid for p in extra],
                      "Orthanc": [orthanc.pid], "bench client": [os.getpid()]}
             cpu0 = cpu_snapshot(roles)
+            machine0 = _machine_cpu()
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
                 codes = list(pool.map(lambda b: client.post(
@@ -184,6 +192,7 @@ def main() -> None:
                 time.sleep(0.1)
             t_fb = time.perf_counter() - t0
             cpu1 = cpu_snapshot(roles)
+            machine1 = _machine_cpu()
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(30)
@@ -196,6 +205,9 @@ def main() -> None:
                 u = cpu1[role][0] - cpu0[role][0]
                 s_ = cpu1[role][1] - cpu0[role][1]
                 print(f"    {role:32s} {u:5.1f} + {s_:4.1f} s  {(u + s_) / args.n * 1000:5.1f} ms")
+            busy, total = (b - a for a, b in zip(machine0, machine1))
+            print(f"    whole machine: {busy / total * 100:.0f} % of {os.cpu_count()} CPUs busy "
+                  f"({busy / os.sysconf('SC_CLK_TCK') / args.n * 1000:.1f} ms per image)")
 
             # 2. storescu -xy of the objects fhirbridge built (the pipe's limit)
             files = sorted(str(p) for p in (svc.data_dir / "instances").glob("*.dcm"))

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import threading
 
+log = logging.getLogger("fhirbridge.cli")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fhirbridge")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="HTTP API, MLLP listener and workers in one process")
+    p_serve = sub.add_parser("serve", help="HTTP API, MLLP listener and the pipeline workers "
+                             "(pipeline.worker_processes child processes, or threads)")
     p_serve.add_argument("--config")
     p_worker = sub.add_parser("worker", help="pipeline workers only (shared PostgreSQL)")
     p_worker.add_argument("--config")
@@ -60,14 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         import uvicorn
 
-        app = create_app(services)
-        children = start_worker_processes(
+        # The pipeline runs in `worker_processes` child processes (outside the GIL of the
+        # process that answers HTTP and MLLP), or as threads here when that is 0.
+        children = WorkerProcesses(
             args.config, settings.pipeline.worker_processes if settings.pipeline.workers else 0)
+        app = create_app(services, workers=0 if children else None)
         # h11, not httptools: with a lying Content-Length, httptools drops the valid first
         # request and answers text/plain; h11 answers it (an OperationOutcome) in order.
         uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level="info",
                     access_log=False, http="h11")
-        stop_worker_processes(children)
+        children.stop()
         services.close()
         return 0
     if args.command == "worker":
@@ -96,26 +100,51 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def start_worker_processes(config: str | None, count: int) -> list[subprocess.Popen[bytes]]:
-    """`pipeline.worker_processes` extra `fhirbridge worker` processes beside `serve`: the
+class WorkerProcesses:
+    """`pipeline.worker_processes` `fhirbridge worker` processes beside `serve`: the
     pipeline's Python work (parsing, pydicom, pynetdicom) then runs outside the HTTP/MLLP
-    process's GIL. They share the database (SQLite WAL or PostgreSQL) and the data dir."""
-    argv = [sys.executable, "-m", "fhirbridge.cli", "worker", "--parent-pid", str(os.getpid())]
-    if config:
-        argv += ["--config", config]
-    return [subprocess.Popen(argv) for _ in range(max(0, count))]
+    process's GIL. They share the database (SQLite WAL or PostgreSQL) and the data dir, exit
+    when `serve` does, and one that dies is started again (a job it held is claimed again
+    when its lease expires; every step is idempotent)."""
 
+    def __init__(self, config: str | None, count: int, *, check_seconds: float = 1.0) -> None:
+        self.argv = [sys.executable, "-m", "fhirbridge.cli", "worker",
+                     "--parent-pid", str(os.getpid())]
+        if config:
+            self.argv += ["--config", config]
+        self.children = [subprocess.Popen(self.argv) for _ in range(max(0, count))]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._watch = threading.Thread(target=self._supervise, args=(check_seconds,),
+                                       name="fhirbridge-worker-supervisor", daemon=True)
+        if self.children:
+            self._watch.start()
 
-def stop_worker_processes(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    for child in children:
-        try:
-            child.wait(30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    def __bool__(self) -> bool:
+        return bool(self.children)
+
+    def _supervise(self, every: float) -> None:
+        while not self._stop.wait(every):
+            with self._lock:
+                for i, child in enumerate(self.children):
+                    code = child.poll()
+                    if code is not None and not self._stop.is_set():
+                        log.warning("worker process %s exited with %s; starting another",
+                                    child.pid, code)
+                        self.children[i] = subprocess.Popen(self.argv)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for child in self.children:
+                if child.poll() is None:
+                    child.terminate()
+            for child in self.children:
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
 
 
 if __name__ == "__main__":

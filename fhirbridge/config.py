@@ -70,7 +70,9 @@ class IdentifierDomain(BaseModel):
 
 class PipelineSettings(BaseModel):
     workers: int = 2  # worker threads in each process
-    worker_processes: int = 1  # extra `fhirbridge worker` processes that `serve` starts
+    # `fhirbridge worker` processes that `serve` starts and runs the pipeline in (each with
+    # `workers` threads); 0 = the pipeline runs as `workers` threads inside `serve` itself
+    worker_processes: int = 2
     max_attempts: int = 8
     backoff_base_seconds: float = 2.0
     backoff_max_seconds: float = 600.0
