@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from pydicom import Dataset, dcmread
@@ -97,9 +98,10 @@ class Pipeline:
         options.instances_dir.mkdir(parents=True, exist_ok=True)
 
     # -- the worker loop -------------------------------------------------------------------
-    def run_once(self, owner: str) -> bool:
-        """Claim and run one job; False when nothing was due."""
-        job = self.queue.claim(owner, tuple(self.handlers), on_claim=self._task_in_progress)
+    def run_once(self, owner: str, *, busy: bool = False) -> bool:
+        """Claim and run one job; False when nothing was due. `busy`: the last call ran one."""
+        job = self.queue.claim(owner, tuple(self.handlers), on_claim=self._task_in_progress,
+                               look_first=not busy)
         if job is None:
             return False
         try:
@@ -124,9 +126,10 @@ class Pipeline:
         return True
 
     def run_forever(self, owner: str, stop: threading.Event, poll_seconds: float = 0.2) -> None:
+        worked = False
         while not stop.is_set():
             try:
-                worked = self.run_once(owner)
+                worked = self.run_once(owner, busy=worked)
             except Exception:  # e.g. database briefly unavailable
                 log.exception("worker %s loop error", owner)
                 worked = False
@@ -207,27 +210,29 @@ class Pipeline:
         if built:
             self.pacs.store([ds for _, _, ds, _ in built], [path for _, _, _, path in built])
 
-        # 5. ImagingStudy: at the EHR (conditional update), then ours, then Task completed
-        with self.db.transaction(durable=False) as s:
-            for att, ctx, ds, path in built:
+        # 5. ImagingStudy: at the EHR (conditional update), then ours with the new instances
+        # (and the replaced upload superseded) and the Task completed, in one transaction
+        new_rows = [StoredInstance(
+            sop_instance_uid=ctx.sop_instance_uid, sop_class_uid=str(ds.SOPClassUID),
+            series_instance_uid=ctx.series_instance_uid,
+            study_instance_uid=ctx.study_instance_uid, submission_id=sub.id,
+            patient_ref=patient.ref, patient_id=demographics.patient_id,
+            issuer=demographics.issuer_of_patient_id, content_sha256=att.get("sha256", ""),
+            file_path=str(path)) for att, ctx, ds, path in built]
+
+        def record(s: Any) -> None:
+            for row in new_rows:
                 inst = s.scalar(select(StoredInstance).where(
-                    StoredInstance.sop_instance_uid == ctx.sop_instance_uid))
+                    StoredInstance.sop_instance_uid == row.sop_instance_uid))
                 if inst is None:
-                    inst = StoredInstance(sop_instance_uid=ctx.sop_instance_uid)
+                    inst = StoredInstance(sop_instance_uid=row.sop_instance_uid)
                     s.add(inst)
-                inst.sop_class_uid = str(ds.SOPClassUID)
-                inst.series_instance_uid = ctx.series_instance_uid
-                inst.study_instance_uid = ctx.study_instance_uid
-                inst.submission_id = sub.id
-                inst.patient_ref = patient.ref
-                inst.patient_id = demographics.patient_id
-                inst.issuer = demographics.issuer_of_patient_id
-                inst.content_sha256 = att.get("sha256", "")
-                inst.file_path = str(path)
+                for column in _INSTANCE_COLUMNS:
+                    setattr(inst, column, getattr(row, column))
             if sub.replaces_id:  # relatesTo replaces: the earlier upload leaves the study
-                old = s.get(Submission, sub.replaces_id)
-                if old is not None:
-                    old.superseded_by = sub.id
+                s.execute(update(Submission).where(Submission.id == sub.replaces_id)
+                          .values(superseded_by=sub.id))
+
         studies = [ctx.study_instance_uid for _, ctx, _, _ in built]
         studies += [r.study_instance_uid for r in reused]
         uids = list(dict.fromkeys(studies))
@@ -236,15 +241,18 @@ class Pipeline:
                       "the stored instance is reused") if reused and not built else ("", "")
 
         def finish(s: Any) -> None:  # in the transaction that keeps the last ImagingStudy
-            t = s.get(Task, task.id)
-            assert t is not None
-            t.status, t.reason_code, t.reason_text = "completed", code, text
-            t.output_ref = study_ref
+            s.execute(update(Task).where(Task.id == task.id).values(
+                status="completed", reason_code=code, reason_text=text, output_ref=study_ref))
             self.queue.complete(s, job)
 
+        if built:  # the new instances' study first: its write records them
+            uids.remove(new_rows[0].study_instance_uid)
+            uids.insert(0, new_rows[0].study_instance_uid)
         for i, study_uid in enumerate(uids):
-            self.write_back_study(study_uid, patient, finish=finish if i == len(uids) - 1
-                                  else None)
+            self.write_back_study(
+                study_uid, patient, finish=finish if i == len(uids) - 1 else None,
+                new_rows=new_rows if i == 0 else (), record=record if i == 0 else None,
+                leaving=sub.replaces_id)
         if not uids:
             with self.db.transaction(durable=False) as s:
                 finish(s)
@@ -381,21 +389,30 @@ class Pipeline:
         return {"reference": patient.ref}
 
     def write_back_study(self, study_instance_uid: str, patient: PatientRecord, *,
-                         finish: Callable[[Any], None] | None = None) -> str:
+                         finish: Callable[[Any], None] | None = None,
+                         new_rows: Sequence[StoredInstance] = (),
+                         record: Callable[[Any], None] | None = None,
+                         leaving: str = "") -> str:
         """(Re)build the ImagingStudy from every current instance stored for the study (not
         those of a superseded upload); write it to the EHR by conditional update, keep our
         copy. Workers finishing uploads of one study at the same time each write; whoever
         wrote a set that is no longer current writes again, so the last write is complete.
         `finish` runs in the transaction that keeps the complete copy (the caller's last
-        step, e.g. Task completed). Returns `ImagingStudy/{our id}`."""
+        step, e.g. Task completed). `new_rows` are instances not recorded yet: the first write
+        includes them and `record` stores them in its transaction, where the instances of the
+        upload `leaving` (replaced) are superseded. Returns `ImagingStudy/{our id}`."""
         local_id = str(uuid.uuid5(uuid.NAMESPACE_OID, study_instance_uid))
         subject = self.subject_reference(patient)
-        rows = self._current_instances(study_instance_uid)
+        new_uids = {r.sop_instance_uid for r in new_rows}
+        rows = [r for r in self._current_instances(study_instance_uid)
+                if r.sop_instance_uid not in new_uids
+                and not (leaving and r.submission_id == leaving)] + list(new_rows)
         for _ in range(5):
             if not rows:
                 break
             rows, complete = self._write_study(study_instance_uid, local_id, rows, subject,
-                                               patient, finish)
+                                               patient, finish, record)
+            record = None
             if complete:
                 return f"ImagingStudy/{local_id}"
         if finish is not None:
@@ -418,7 +435,8 @@ class Pipeline:
 
     def _write_study(self, study_instance_uid: str, local_id: str, rows: list[StoredInstance],
                      subject: dict[str, Any], patient: PatientRecord,
-                     finish: Callable[[Any], None] | None
+                     finish: Callable[[Any], None] | None,
+                     record: Callable[[Any], None] | None = None
                      ) -> tuple[list[StoredInstance], bool]:
         """Write the ImagingStudy of `rows`; keep our copy and, when no instance was added or
         superseded meanwhile (checked under the write lock), run `finish` in the same
@@ -437,6 +455,8 @@ class Pipeline:
             f"{subject['identifier']['system']}|{subject['identifier']['value']}")
         written = sorted(r.sop_instance_uid for r in rows)
         with self.db.transaction(durable=False) as s:
+            if record is not None:
+                record(s)
             rec = s.get(ImagingStudyRecord, local_id)
             if rec is None:
                 rec = ImagingStudyRecord(id=local_id, study_instance_uid=study_instance_uid)
@@ -496,6 +516,11 @@ class Pipeline:
             t = s.scalar(select(Task).where(Task.submission_id == job.subject_id))
             if t is not None:
                 t.status, t.reason_code, t.reason_text = status, code, text[:500]
+
+
+_INSTANCE_COLUMNS = ("sop_class_uid", "series_instance_uid", "study_instance_uid",
+                     "submission_id", "patient_ref", "patient_id", "issuer", "content_sha256",
+                     "file_path")
 
 
 def describe_upload(resource_type: str, resource: dict[str, Any]) -> UploadDescription:

@@ -53,16 +53,18 @@ class JobQueue:
         self.backoff_max = backoff_max_seconds
 
     def claim(self, owner: str, kinds: tuple[str, ...] | None = None,
-              on_claim: Callable[[Session, ClaimedJob], None] | None = None
-              ) -> ClaimedJob | None:
+              on_claim: Callable[[Session, ClaimedJob], None] | None = None, *,
+              look_first: bool = True) -> ClaimedJob | None:
         """Take the oldest due job: queued and due, or running with an expired lease.
-        `on_claim` runs inside the claiming transaction (e.g. Task → in-progress)."""
+        `on_claim` runs inside the claiming transaction (e.g. Task → in-progress).
+        `look_first=False` skips the read that keeps idle polls off the write lock (for a
+        worker whose last claim found work: the queue is probably not empty)."""
         now = utcnow()
         due = or_(
             (Job.state == "queued") & (Job.next_attempt_at <= now),
             (Job.state == "running") & (Job.lease_expires_at < now),
         )
-        if self.db.is_sqlite:
+        if self.db.is_sqlite and look_first:
             # Look before taking the write lock: an idle poll is a read (WAL readers never
             # block or wait for the writer), so idle workers don't queue behind intake.
             with self.db.session() as s:
