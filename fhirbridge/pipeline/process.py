@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from fhirbridge.adapters.attachments import AttachmentRefused, AttachmentUnavailable
 from fhirbridge.adapters.blobs import BlobStore, write_durably
@@ -221,14 +221,19 @@ class Pipeline:
             file_path=str(path)) for att, ctx, ds, path in built]
 
         def record(s: Any) -> None:
-            for row in new_rows:
-                inst = s.scalar(select(StoredInstance).where(
-                    StoredInstance.sop_instance_uid == row.sop_instance_uid))
-                if inst is None:
-                    inst = StoredInstance(sop_instance_uid=row.sop_instance_uid)
-                    s.add(inst)
-                for column in _INSTANCE_COLUMNS:
-                    setattr(inst, column, getattr(row, column))
+            uids = [r.sop_instance_uid for r in new_rows]
+            recorded = dict(s.execute(select(StoredInstance.sop_instance_uid, StoredInstance.id)
+                                   .where(StoredInstance.sop_instance_uid.in_(uids))).all())
+            values = [{c: getattr(r, c) for c in ("sop_instance_uid", *_INSTANCE_COLUMNS)}
+                      for r in new_rows]
+            fresh = [v for v in values if v["sop_instance_uid"] not in recorded]
+            if fresh:
+                s.execute(insert(StoredInstance), fresh)
+            for v in values:  # a retry of a job whose instances were recorded already
+                if v["sop_instance_uid"] in recorded:
+                    s.execute(update(StoredInstance)
+                              .where(StoredInstance.id == recorded[v["sop_instance_uid"]])
+                              .values(**v))
             if sub.replaces_id:  # relatesTo replaces: the earlier upload leaves the study
                 s.execute(update(Submission).where(Submission.id == sub.replaces_id)
                           .values(superseded_by=sub.id))
@@ -252,6 +257,7 @@ class Pipeline:
             self.write_back_study(
                 study_uid, patient, finish=finish if i == len(uids) - 1 else None,
                 new_rows=new_rows if i == 0 else (), record=record if i == 0 else None,
+                new_datasets=[ds for _, _, ds, _ in built] if i == 0 else (),
                 leaving=sub.replaces_id)
         if not uids:
             with self.db.transaction(durable=False) as s:
@@ -391,6 +397,7 @@ class Pipeline:
     def write_back_study(self, study_instance_uid: str, patient: PatientRecord, *,
                          finish: Callable[[Any], None] | None = None,
                          new_rows: Sequence[StoredInstance] = (),
+                         new_datasets: Sequence[Dataset] = (),
                          record: Callable[[Any], None] | None = None,
                          leaving: str = "") -> str:
         """(Re)build the ImagingStudy from every current instance stored for the study (not
@@ -399,11 +406,13 @@ class Pipeline:
         wrote a set that is no longer current writes again, so the last write is complete.
         `finish` runs in the transaction that keeps the complete copy (the caller's last
         step, e.g. Task completed). `new_rows` are instances not recorded yet: the first write
-        includes them and `record` stores them in its transaction, where the instances of the
-        upload `leaving` (replaced) are superseded. Returns `ImagingStudy/{our id}`."""
+        includes them (summarised from `new_datasets`, the objects as built) and `record` stores
+        them in its transaction, where the instances of the upload `leaving` (replaced) are
+        superseded. Returns `ImagingStudy/{our id}`."""
         local_id = str(uuid.uuid5(uuid.NAMESPACE_OID, study_instance_uid))
         subject = self.subject_reference(patient)
         new_uids = {r.sop_instance_uid for r in new_rows}
+        known = {str(ds.SOPInstanceUID): summary_from_dataset(ds) for ds in new_datasets}
         rows = [r for r in self._current_instances(study_instance_uid)
                 if r.sop_instance_uid not in new_uids
                 and not (leaving and r.submission_id == leaving)] + list(new_rows)
@@ -411,7 +420,7 @@ class Pipeline:
             if not rows:
                 break
             rows, complete = self._write_study(study_instance_uid, local_id, rows, subject,
-                                               patient, finish, record)
+                                               patient, finish, record, known)
             record = None
             if complete:
                 return f"ImagingStudy/{local_id}"
@@ -436,12 +445,17 @@ class Pipeline:
     def _write_study(self, study_instance_uid: str, local_id: str, rows: list[StoredInstance],
                      subject: dict[str, Any], patient: PatientRecord,
                      finish: Callable[[Any], None] | None,
-                     record: Callable[[Any], None] | None = None
+                     record: Callable[[Any], None] | None = None,
+                     known: dict[str, InstanceSummary] | None = None
                      ) -> tuple[list[StoredInstance], bool]:
         """Write the ImagingStudy of `rows`; keep our copy and, when no instance was added or
         superseded meanwhile (checked under the write lock), run `finish` in the same
-        transaction. Returns (the current instances, whether `rows` were still current)."""
-        summaries = [summary_from_file(Path(r.file_path)) for r in rows]
+        transaction. `known`: summaries of objects we hold in memory (the rest are read back
+        from their files). Returns (the current instances, whether `rows` were still
+        current)."""
+        known = known or {}
+        summaries = [known.get(r.sop_instance_uid) or summary_from_file(Path(r.file_path))
+                     for r in rows]
         resource = imaging_study(summaries, subject=subject,
                                  wado_rs_url=self.options.wado_rs_url, resource_id=local_id)
         ehr_id = ""
@@ -457,13 +471,14 @@ class Pipeline:
         with self.db.transaction(durable=False) as s:
             if record is not None:
                 record(s)
-            rec = s.get(ImagingStudyRecord, local_id)
-            if rec is None:
-                rec = ImagingStudyRecord(id=local_id, study_instance_uid=study_instance_uid)
-                s.add(rec)
-            rec.patient_ref = patient_key
-            rec.resource_json = json.dumps(resource)
-            rec.ehr_id = ehr_id or rec.ehr_id or ""
+            values = {"patient_ref": patient_key, "resource_json": json.dumps(resource)}
+            if ehr_id:
+                values["ehr_id"] = ehr_id
+            res = s.execute(update(ImagingStudyRecord)
+                            .where(ImagingStudyRecord.id == local_id).values(**values))
+            if not res.rowcount:
+                s.execute(insert(ImagingStudyRecord).values(
+                    id=local_id, study_instance_uid=study_instance_uid, **values))
             current = list(s.scalars(self._current_query(study_instance_uid)))
             complete = sorted(r.sop_instance_uid for r in current) == written
             if complete and finish is not None:
@@ -531,7 +546,11 @@ def describe_upload(resource_type: str, resource: dict[str, Any]) -> UploadDescr
 
 def summary_from_file(path: Path) -> InstanceSummary:
     """Read back what ImagingStudy needs from the object we stored (not from the request)."""
-    ds: Dataset = dcmread(path, stop_before_pixels=True)
+    return summary_from_dataset(dcmread(path, stop_before_pixels=True))
+
+
+def summary_from_dataset(ds: Dataset) -> InstanceSummary:
+    """What ImagingStudy needs, from the object (as built and stored, or read back)."""
     started = None
     if ds.get("StudyDate"):
         t = str(ds.get("StudyTime", "") or "000000").split(".")[0].ljust(6, "0")
