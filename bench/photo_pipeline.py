@@ -76,6 +76,14 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def _peak_rss_mb(pid: int) -> float:
+    """VmHWM (peak resident set) of a live process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _machine_cpu() -> tuple[int, int]:
     """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
     ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
@@ -205,6 +213,9 @@ def main() -> None:
                 u = cpu1[role][0] - cpu0[role][0]
                 s_ = cpu1[role][1] - cpu0[role][1]
                 print(f"    {role:32s} {u:5.1f} + {s_:4.1f} s  {(u + s_) / args.n * 1000:5.1f} ms")
+            for role in ("serve (HTTP, MLLP)", "worker processes"):
+                peaks = [_peak_rss_mb(pid) for pid in roles[role]]
+                print(f"    {role:32s} peak RSS " + ", ".join(f"{p:.0f}" for p in peaks) + " MB")
             busy, total = (b - a for a, b in zip(machine0, machine1))
             print(f"    whole machine: {busy / total * 100:.0f} % of {os.cpu_count()} CPUs busy "
                   f"({busy / os.sysconf('SC_CLK_TCK') / args.n * 1000:.1f} ms per image)")

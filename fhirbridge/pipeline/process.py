@@ -11,11 +11,11 @@ import json
 import logging
 import threading
 import uuid
-from dataclasses import dataclass, field
-from functools import partial
-from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 from pydicom import Dataset, dcmread
@@ -223,7 +223,8 @@ class Pipeline:
         def record(s: Any) -> None:
             uids = [r.sop_instance_uid for r in new_rows]
             recorded = dict(s.execute(select(StoredInstance.sop_instance_uid, StoredInstance.id)
-                                   .where(StoredInstance.sop_instance_uid.in_(uids))).all())
+                                      .where(StoredInstance.sop_instance_uid.in_(uids))).all()
+                            ) if uids else {}
             values = [{c: getattr(r, c) for c in ("sop_instance_uid", *_INSTANCE_COLUMNS)}
                       for r in new_rows]
             fresh = [v for v in values if v["sop_instance_uid"] not in recorded]
@@ -250,10 +251,7 @@ class Pipeline:
                 status="completed", reason_code=code, reason_text=text, output_ref=study_ref))
             self.queue.complete(s, job)
 
-        if built:  # the new instances' study first: its write records them
-            uids.remove(new_rows[0].study_instance_uid)
-            uids.insert(0, new_rows[0].study_instance_uid)
-        for i, study_uid in enumerate(uids):
+        for i, study_uid in enumerate(uids):  # uids[0]: the new instances' study, if any
             self.write_back_study(
                 study_uid, patient, finish=finish if i == len(uids) - 1 else None,
                 new_rows=new_rows if i == 0 else (), record=record if i == 0 else None,
@@ -424,9 +422,12 @@ class Pipeline:
             record = None
             if complete:
                 return f"ImagingStudy/{local_id}"
-        if finish is not None:
+        if finish is not None or record is not None:
             with self.db.transaction(durable=False) as s:
-                finish(s)
+                if record is not None:  # nothing current to write (rows empty)
+                    record(s)
+                if finish is not None:
+                    finish(s)
         return f"ImagingStudy/{local_id}"
 
     def _current_instances(self, study_instance_uid: str) -> list[StoredInstance]:
