@@ -91,13 +91,6 @@ def _machine_cpu() -> tuple[int, int]:
     return sum(ticks) - idle, sum(ticks)
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
 def cpu_snapshot(roles: dict[str, list[int]]) -> dict[str, tuple[float, float]]:
     snap = {}
     for role, pids in roles.items():
@@ -181,7 +174,7 @@ def main() -> None:
                 time.sleep(1.0)
             client = httpx.Client(base_url=svc.base, timeout=60)
             roles = {"serve (HTTP, MLLP)": [svc.proc.pid],
-                     "worker processes": _children(svc.proc.pid) + [p.pid for p in extra],
+                     "worker processes": svc.worker_pids() + [p.pid for p in extra],
                      "Orthanc": [orthanc.pid], "bench client": [os.getpid()]}
             cpu0 = cpu_snapshot(roles)
             machine0 = _machine_cpu()

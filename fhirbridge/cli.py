@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 log = logging.getLogger("fhirbridge.cli")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fhirbridge")
@@ -49,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fhirbridge._malloc import tune_malloc
     from fhirbridge.app import Workers, build_services, create_app
-
-    tune_malloc()
     from fhirbridge.config import load_settings
+
+    tune_malloc()  # before the service allocates its buffers (serve, worker, jobs)
 
     try:
         settings = load_settings(args.config)
@@ -66,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         # process that answers HTTP and MLLP), or as threads here when that is 0.
         children = WorkerProcesses(
             args.config, settings.pipeline.worker_processes if settings.pipeline.workers else 0)
-        app = create_app(services, workers=0 if children else None)
+        app = create_app(services, workers=0 if children.count else None)
         # h11, not httptools: with a lying Content-Length, httptools drops the valid first
         # request and answers text/plain; h11 answers it (an OperationOutcome) in order.
-        uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level="info",
-                    access_log=False, http="h11")
-        children.stop()
-        services.close()
+        try:
+            uvicorn.run(app, host=settings.http.host, port=settings.http.port,
+                        log_level="info", access_log=False, http="h11")
+        finally:  # also when the port cannot be bound (uvicorn exits)
+            children.stop()
+            services.close()
         return 0
     if args.command == "worker":
         pool = Workers(services, settings.pipeline.workers)
@@ -107,39 +111,53 @@ class WorkerProcesses:
     when `serve` does, and one that dies is started again (a job it held is claimed again
     when its lease expires; every step is idempotent)."""
 
+    MAX_DELAY = 60.0  # seconds between restarts of a worker that keeps dying at once
+
     def __init__(self, config: str | None, count: int, *, check_seconds: float = 1.0) -> None:
         self.argv = [sys.executable, "-m", "fhirbridge.cli", "worker",
                      "--parent-pid", str(os.getpid())]
         if config:
             self.argv += ["--config", config]
-        self.children = [subprocess.Popen(self.argv) for _ in range(max(0, count))]
+        self.count = max(0, count)
+        self.children = [self._start() for _ in range(self.count)]
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._watch = threading.Thread(target=self._supervise, args=(check_seconds,),
-                                       name="fhirbridge-worker-supervisor", daemon=True)
         if self.children:
-            self._watch.start()
+            threading.Thread(target=self._supervise, args=(check_seconds,), daemon=True,
+                             name="fhirbridge-worker-supervisor").start()
 
-    def __bool__(self) -> bool:
-        return bool(self.children)
+    def _start(self) -> tuple[subprocess.Popen[bytes], float]:
+        return subprocess.Popen(self.argv), time.monotonic()
 
     def _supervise(self, every: float) -> None:
+        """Start a dead worker again: at once if it had run a while, otherwise after a delay
+        that doubles (up to MAX_DELAY) while it keeps dying young (say, the database is
+        down)."""
+        delays = [0.0] * self.count
+        due = [0.0] * self.count
         while not self._stop.wait(every):
             with self._lock:
-                for i, child in enumerate(self.children):
+                for i, (child, started) in enumerate(self.children):
                     code = child.poll()
-                    if code is not None and not self._stop.is_set():
-                        log.warning("worker process %s exited with %s; starting another",
-                                    child.pid, code)
-                        self.children[i] = subprocess.Popen(self.argv)
+                    if code is None or self._stop.is_set():
+                        continue
+                    now = time.monotonic()
+                    if not due[i]:
+                        young = now - started < 10.0
+                        delays[i] = min(self.MAX_DELAY, delays[i] * 2 or 1.0) if young else 0.0
+                        due[i] = now + delays[i]
+                        log.warning("worker process %s exited with %s; starting another in "
+                                    "%.0f s", child.pid, code, delays[i])
+                    if now >= due[i]:
+                        self.children[i], due[i] = self._start(), 0.0
 
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
-            for child in self.children:
+            for child, _ in self.children:
                 if child.poll() is None:
                     child.terminate()
-            for child in self.children:
+            for child, _ in self.children:
                 try:
                     child.wait(30)
                 except subprocess.TimeoutExpired:

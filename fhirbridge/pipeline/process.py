@@ -11,7 +11,6 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -212,33 +211,15 @@ class Pipeline:
 
         # 5. ImagingStudy: at the EHR (conditional update), then ours with the new instances
         # (and the replaced upload superseded) and the Task completed, in one transaction
-        new_rows = [StoredInstance(
+        adding = NewInstances(rows=[StoredInstance(
             sop_instance_uid=ctx.sop_instance_uid, sop_class_uid=str(ds.SOPClassUID),
             series_instance_uid=ctx.series_instance_uid,
             study_instance_uid=ctx.study_instance_uid, submission_id=sub.id,
             patient_ref=patient.ref, patient_id=demographics.patient_id,
             issuer=demographics.issuer_of_patient_id, content_sha256=att.get("sha256", ""),
-            file_path=str(path)) for att, ctx, ds, path in built]
-
-        def record(s: Any) -> None:
-            uids = [r.sop_instance_uid for r in new_rows]
-            recorded = dict(s.execute(select(StoredInstance.sop_instance_uid, StoredInstance.id)
-                                      .where(StoredInstance.sop_instance_uid.in_(uids))).all()
-                            ) if uids else {}
-            values = [{c: getattr(r, c) for c in ("sop_instance_uid", *_INSTANCE_COLUMNS)}
-                      for r in new_rows]
-            fresh = [v for v in values if v["sop_instance_uid"] not in recorded]
-            if fresh:
-                s.execute(insert(StoredInstance), fresh)
-            for v in values:  # a retry of a job whose instances were recorded already
-                if v["sop_instance_uid"] in recorded:
-                    s.execute(update(StoredInstance)
-                              .where(StoredInstance.id == recorded[v["sop_instance_uid"]])
-                              .values(**v))
-            if sub.replaces_id:  # relatesTo replaces: the earlier upload leaves the study
-                s.execute(update(Submission).where(Submission.id == sub.replaces_id)
-                          .values(superseded_by=sub.id))
-
+            file_path=str(path)) for att, ctx, ds, path in built],
+            datasets=[ds for _, _, ds, _ in built], submission_id=sub.id,
+            replaces=sub.replaces_id)
         studies = [ctx.study_instance_uid for _, ctx, _, _ in built]
         studies += [r.study_instance_uid for r in reused]
         uids = list(dict.fromkeys(studies))
@@ -252,11 +233,9 @@ class Pipeline:
             self.queue.complete(s, job)
 
         for i, study_uid in enumerate(uids):  # uids[0]: the new instances' study, if any
-            self.write_back_study(
-                study_uid, patient, finish=finish if i == len(uids) - 1 else None,
-                new_rows=new_rows if i == 0 else (), record=record if i == 0 else None,
-                new_datasets=[ds for _, _, ds, _ in built] if i == 0 else (),
-                leaving=sub.replaces_id)
+            self.write_back_study(study_uid, patient,
+                                  finish=finish if i == len(uids) - 1 else None,
+                                  adding=adding if i == 0 else None)
         if not uids:
             with self.db.transaction(durable=False) as s:
                 finish(s)
@@ -394,41 +373,61 @@ class Pipeline:
 
     def write_back_study(self, study_instance_uid: str, patient: PatientRecord, *,
                          finish: Callable[[Any], None] | None = None,
-                         new_rows: Sequence[StoredInstance] = (),
-                         new_datasets: Sequence[Dataset] = (),
-                         record: Callable[[Any], None] | None = None,
-                         leaving: str = "") -> str:
+                         adding: NewInstances | None = None) -> str:
         """(Re)build the ImagingStudy from every current instance stored for the study (not
         those of a superseded upload); write it to the EHR by conditional update, keep our
         copy. Workers finishing uploads of one study at the same time each write; whoever
         wrote a set that is no longer current writes again, so the last write is complete.
         `finish` runs in the transaction that keeps the complete copy (the caller's last
-        step, e.g. Task completed). `new_rows` are instances not recorded yet: the first write
-        includes them (summarised from `new_datasets`, the objects as built) and `record` stores
-        them in its transaction, where the instances of the upload `leaving` (replaced) are
-        superseded. Returns `ImagingStudy/{our id}`."""
+        step, e.g. Task completed); `adding` (instances not recorded yet) is in the first write
+        and recorded in its transaction. Returns `ImagingStudy/{our id}`."""
         local_id = str(uuid.uuid5(uuid.NAMESPACE_OID, study_instance_uid))
         subject = self.subject_reference(patient)
-        new_uids = {r.sop_instance_uid for r in new_rows}
-        known = {str(ds.SOPInstanceUID): summary_from_dataset(ds) for ds in new_datasets}
-        rows = [r for r in self._current_instances(study_instance_uid)
-                if r.sop_instance_uid not in new_uids
-                and not (leaving and r.submission_id == leaving)] + list(new_rows)
+        rows = self._current_instances(study_instance_uid)
+        known: dict[str, InstanceSummary] = {}
+        if adding is not None:
+            new_uids = {r.sop_instance_uid for r in adding.rows}
+            rows = [r for r in rows if r.sop_instance_uid not in new_uids
+                    and not (adding.replaces and r.submission_id == adding.replaces)]
+            rows += adding.rows
+            known = {str(ds.SOPInstanceUID): summary_from_dataset(ds) for ds in adding.datasets}
         for _ in range(5):
             if not rows:
                 break
             rows, complete = self._write_study(study_instance_uid, local_id, rows, subject,
-                                               patient, finish, record, known)
-            record = None
+                                               patient, finish, adding, known)
+            adding = None  # recorded
             if complete:
                 return f"ImagingStudy/{local_id}"
-        if finish is not None or record is not None:
+        if finish is not None or adding is not None:
             with self.db.transaction(durable=False) as s:
-                if record is not None:  # nothing current to write (rows empty)
-                    record(s)
+                if adding is not None:  # nothing current to write (rows empty)
+                    self._record_instances(s, adding)
                 if finish is not None:
                     finish(s)
         return f"ImagingStudy/{local_id}"
+
+    @staticmethod
+    def _record_instances(s: Any, adding: NewInstances) -> None:
+        """Store the new instance rows (updated in place when a retry finds them recorded)
+        and supersede the upload they replace (DocumentReference.relatesTo replaces)."""
+        uids = [r.sop_instance_uid for r in adding.rows]
+        recorded = dict(s.execute(select(StoredInstance.sop_instance_uid, StoredInstance.id)
+                                  .where(StoredInstance.sop_instance_uid.in_(uids))).all()
+                        ) if uids else {}
+        values = [{c: getattr(r, c) for c in ("sop_instance_uid", *_INSTANCE_COLUMNS)}
+                  for r in adding.rows]
+        fresh = [v for v in values if v["sop_instance_uid"] not in recorded]
+        if fresh:
+            s.execute(insert(StoredInstance), fresh)
+        for v in values:
+            if v["sop_instance_uid"] in recorded:
+                s.execute(update(StoredInstance)
+                          .where(StoredInstance.id == recorded[v["sop_instance_uid"]])
+                          .values(**v))
+        if adding.replaces:
+            s.execute(update(Submission).where(Submission.id == adding.replaces)
+                      .values(superseded_by=adding.submission_id))
 
     def _current_instances(self, study_instance_uid: str) -> list[StoredInstance]:
         with self.db.session() as s:
@@ -445,16 +444,13 @@ class Pipeline:
 
     def _write_study(self, study_instance_uid: str, local_id: str, rows: list[StoredInstance],
                      subject: dict[str, Any], patient: PatientRecord,
-                     finish: Callable[[Any], None] | None,
-                     record: Callable[[Any], None] | None = None,
-                     known: dict[str, InstanceSummary] | None = None
-                     ) -> tuple[list[StoredInstance], bool]:
-        """Write the ImagingStudy of `rows`; keep our copy and, when no instance was added or
-        superseded meanwhile (checked under the write lock), run `finish` in the same
-        transaction. `known`: summaries of objects we hold in memory (the rest are read back
-        from their files). Returns (the current instances, whether `rows` were still
-        current)."""
-        known = known or {}
+                     finish: Callable[[Any], None] | None, adding: NewInstances | None,
+                     known: dict[str, InstanceSummary]) -> tuple[list[StoredInstance], bool]:
+        """Write the ImagingStudy of `rows`; keep our copy (recording `adding` with it) and,
+        when no instance was added or superseded meanwhile (checked under the write lock), run
+        `finish` in the same transaction. `known`: summaries of objects we hold in memory (the
+        rest are read back from their files). Returns (the current instances, whether `rows`
+        were still current)."""
         summaries = [known.get(r.sop_instance_uid) or summary_from_file(Path(r.file_path))
                      for r in rows]
         resource = imaging_study(summaries, subject=subject,
@@ -470,8 +466,8 @@ class Pipeline:
             f"{subject['identifier']['system']}|{subject['identifier']['value']}")
         written = sorted(r.sop_instance_uid for r in rows)
         with self.db.transaction(durable=False) as s:
-            if record is not None:
-                record(s)
+            if adding is not None:
+                self._record_instances(s, adding)
             values = {"patient_ref": patient_key, "resource_json": json.dumps(resource)}
             if ehr_id:
                 values["ehr_id"] = ehr_id
@@ -532,6 +528,17 @@ class Pipeline:
             t = s.scalar(select(Task).where(Task.submission_id == job.subject_id))
             if t is not None:
                 t.status, t.reason_code, t.reason_text = status, code, text[:500]
+
+
+@dataclass(frozen=True)
+class NewInstances:
+    """What one job adds to a study: instance rows not recorded yet, the objects as built
+    (their ImagingStudy summaries), and the upload the job's submission replaces, if any."""
+
+    rows: list[StoredInstance]
+    datasets: list[Dataset]
+    submission_id: str
+    replaces: str = ""
 
 
 _INSTANCE_COLUMNS = ("sop_class_uid", "series_instance_uid", "study_instance_uid",

@@ -38,8 +38,8 @@ def test_write_durably_leaves_nothing_when_the_writer_fails(tmp_path: Path) -> N
 
 
 def test_dataset_written_to_a_file_equals_the_bytes(tmp_path: Path) -> None:
-    built_photo = build_vl_photographic(prepare_photo(jpeg(pattern((640, 480))), "image/jpeg"), patient(),
-                                        context())
+    photo = prepare_photo(jpeg(pattern((640, 480))), "image/jpeg")
+    built_photo = build_vl_photographic(photo, patient(), context())
     write_durably(tmp_path / "o.dcm", lambda fh: write_dataset_to(fh, built_photo))
     data = (tmp_path / "o.dcm").read_bytes()
     assert data == write_dataset(built_photo)

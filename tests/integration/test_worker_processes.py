@@ -19,23 +19,14 @@ from tests.integration.test_photo_end_to_end import (
 from tests.support.service import FhirbridgeService
 
 
-def worker_children(pid: int) -> list[int]:
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(c) for c in (task / "children").read_text().split()]
-    return [k for k in kids
-            if b"worker" in Path(f"/proc/{k}/cmdline").read_bytes().split(b"\0")]
-
-
 def test_a_killed_worker_process_is_replaced_and_work_goes_on(tmp_path):
     svc = FhirbridgeService(tmp_path / "fb").start()  # folder PACS, no EHR
     try:
-        assert svc.proc is not None
-        wait_for(lambda: len(worker_children(svc.proc.pid)) == 2, 20, "two worker processes")
-        before = worker_children(svc.proc.pid)
+        wait_for(lambda: len(svc.worker_pids()) == 2, 20, "two worker processes")
+        before = svc.worker_pids()
         for pid in before:
             os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: len(set(worker_children(svc.proc.pid)) - set(before)) == 2, 20,
+        wait_for(lambda: len(set(svc.worker_pids()) - set(before)) == 2, 20,
                  "two new worker processes")
 
         mrn = f"WP{uuid.uuid4().hex[:8]}"
@@ -48,7 +39,7 @@ def test_a_killed_worker_process_is_replaced_and_work_goes_on(tmp_path):
         task = svc.wait_task(f"Media/{r.json()['id']}")
         assert task["status"] == "completed", task
         assert list((svc.data_dir / "dicom").rglob("*.dcm"))
-        after = worker_children(svc.proc.pid)
+        after = svc.worker_pids()
     finally:
         svc.stop()
     deadline = time.monotonic() + 10  # stopping serve stops its workers

@@ -90,6 +90,14 @@ class FhirbridgeService:
                 self.proc.wait()
         self.client.close()
 
+    def worker_pids(self) -> list[int]:
+        """The `fhirbridge worker` processes `serve` has started (pipeline.worker_processes)."""
+        assert self.proc is not None
+        kids: list[int] = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            kids += [int(c) for c in (task / "children").read_text().split()]
+        return [k for k in kids if b"worker" in _cmdline(k)]
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
@@ -112,3 +120,10 @@ class FhirbridgeService:
             time.sleep(0.05)
         raise AssertionError(f"task for {focus} stuck in {task.get('status')}: "
                              f"{self.log_text()[-2000:]}")
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # exited meanwhile
+        return []
