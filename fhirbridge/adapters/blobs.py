@@ -3,12 +3,19 @@
 A file is fsynced (and its directory) before the database row that names it commits.
 Large bodies are streamed (`put_stream`, `put_iter`): hashed while written to a temporary file
 in the store, never held whole in memory.
+
+A staged upload is written once (intake) and read once (the worker), so `put` and `get` bypass
+the page cache (O_DIRECT, through a reused page-aligned buffer per thread) where the file
+system allows it: copying every photo into fresh page-cache pages cost the HTTP process about
+a fifth of its CPU (docs/decisions.md, "Photo pipeline speed").
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import mmap
 import os
 import threading
 import uuid
@@ -41,7 +48,8 @@ class BlobStore:
         path = self.root / rel
         if path.exists() and path.stat().st_size == len(data):
             return rel, digest
-        write_durably(path, data)
+        if not write_uncached(path, data):
+            write_durably(path, data)
         return rel, digest
 
     async def put_stream(self, chunks: AsyncIterable[bytes] | Iterable[bytes], *,
@@ -97,7 +105,9 @@ class BlobStore:
             writer.discard()
 
     def get(self, rel: str) -> bytes:
-        return (self.root / rel).read_bytes()
+        path = self.root / rel
+        data = read_uncached(path)
+        return path.read_bytes() if data is None else data
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -200,5 +210,87 @@ def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- uncached (O_DIRECT) whole-file I/O ----------------------------------------------------------
+_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: multiples of the logical block size
+_DIRECT_CHUNK = 4 * 1024 * 1024
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_thread_buffers = threading.local()
+
+
+def _aligned_buffer() -> mmap.mmap:
+    """This thread's page-aligned buffer (anonymous mmap), kept for reuse."""
+    buf: mmap.mmap | None = getattr(_thread_buffers, "buf", None)
+    if buf is None:
+        buf = _thread_buffers.buf = mmap.mmap(-1, _DIRECT_CHUNK)
+    return buf
+
+
+def _open_direct(path: Path, flags: int) -> int | None:
+    """An O_DIRECT descriptor, or None where the platform or file system has no O_DIRECT."""
+    if not _O_DIRECT:
+        return None
+    try:
+        return os.open(path, flags | _O_DIRECT, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None
+        raise
+
+
+def write_uncached(path: Path, data: bytes) -> bool:
+    """`write_durably` without the page cache: False (nothing written) where O_DIRECT is not
+    available. The last block is padded, then the file truncated to its size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    if fd is None:
+        return False
+    try:
+        buf, src = _aligned_buffer(), memoryview(data)
+        with memoryview(buf) as window:
+            for offset in range(0, len(data), _DIRECT_CHUNK):
+                n = min(_DIRECT_CHUNK, len(data) - offset)
+                padded = -(-n // _ALIGN) * _ALIGN
+                window[:n] = src[offset:offset + n]
+                written = 0
+                while written < padded:
+                    written += os.write(fd, window[written:padded])
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return True
+
+
+def read_uncached(path: Path) -> bytes | None:
+    """The whole file, read without the page cache; None where O_DIRECT is not available.
+    (Data still in the page cache, say from `put_iter`, is written back first by the kernel:
+    the read is coherent.)"""
+    fd = _open_direct(path, os.O_RDONLY)
+    if fd is None:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        parts: list[bytes] = []
+        with memoryview(_aligned_buffer()) as window:
+            offset = 0
+            while offset < size:
+                n = os.preadv(fd, [window], offset)
+                if n <= 0:
+                    break
+                parts.append(bytes(window[:min(n, size - offset)]))
+                offset += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
     finally:
         os.close(fd)

@@ -283,7 +283,7 @@ class Pipeline:
                             a.update(blob_path=rel, sha256=digest, size=size)
                     row.attachments_json = json.dumps(stored)
         path = self.blobs.path(att["blob_path"])
-        return path if kind_of(att["content_type"]) == VIDEO else path.read_bytes()
+        return path if kind_of(att["content_type"]) == VIDEO else self.blobs.get(att["blob_path"])
 
     def _replaces_other_patient(self, replaced_id: str, patient_ref: str) -> bool:
         with self.db.session() as s:

@@ -1,4 +1,5 @@
-"""Durable writes (adapters.blobs.write_durably) and the glibc malloc settings."""
+"""Durable writes (adapters.blobs), staged blobs read and written past the page cache, and
+the glibc malloc settings."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fhirbridge.adapters.blobs import write_durably
+from fhirbridge.adapters import blobs
+from fhirbridge.adapters.blobs import BlobStore, write_durably
 from fhirbridge.dicom.io import read_dataset, write_dataset, write_dataset_to
 from fhirbridge.dicom.photo import build_vl_photographic
 from fhirbridge.media.photo import prepare_photo
@@ -35,6 +37,42 @@ def test_write_durably_leaves_nothing_when_the_writer_fails(tmp_path: Path) -> N
         write_durably(tmp_path / "x.bin", half)
     assert (tmp_path / "x.bin").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+SIZES = [0, 1, 4095, 4096, 4097, 2_220_586, 4 * 1024 * 1024, 4 * 1024 * 1024 + 7, 9_000_001]
+
+
+def _round_trip(store: BlobStore) -> None:
+    for size in SIZES:
+        data = bytes(range(256)) * (size // 256) + b"\xff" * (size % 256)
+        rel, digest = store.put(data)
+        assert store.get(rel) == data, size
+        assert store.path(rel).read_bytes() == data, size  # as any other reader sees it
+        assert store.path(rel).stat().st_size == size  # the padded last block is cut off
+    assert not [p for p in store.root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_staged_blobs_round_trip_whatever_their_size(tmp_path: Path) -> None:
+    _round_trip(BlobStore(tmp_path / "blobs"))
+
+
+def test_staged_blobs_round_trip_without_o_direct(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blobs, "_open_direct", lambda path, flags: None)  # e.g. tmpfs, macOS
+    _round_trip(BlobStore(tmp_path / "blobs"))
+
+
+def test_uncached_write_leaves_nothing_when_the_disk_fails(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    store = BlobStore(tmp_path / "blobs")
+
+    def no_space(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(blobs.os, "fsync", no_space)
+    with pytest.raises(OSError):
+        store.put(b"x" * 10_000)
+    assert [p for p in store.root.rglob("*") if p.is_file()] == []
 
 
 def test_dataset_written_to_a_file_equals_the_bytes(tmp_path: Path) -> None:
