@@ -3,6 +3,7 @@ the glibc malloc settings."""
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def _round_trip(store: BlobStore) -> None:
     for size in SIZES:
         data = bytes(range(256)) * (size // 256) + b"\xff" * (size % 256)
         rel, digest = store.put(data)
+        assert digest == hashlib.sha256(data).hexdigest()
         assert store.get(rel) == data, size
         assert store.path(rel).read_bytes() == data, size  # as any other reader sees it
         assert store.path(rel).stat().st_size == size  # the padded last block is cut off
