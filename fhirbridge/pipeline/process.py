@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from fhirbridge.adapters.attachments import AttachmentRefused, AttachmentUnavailable
 from fhirbridge.adapters.blobs import BlobStore, write_durably
@@ -57,6 +57,29 @@ from fhirbridge.store.db import Database
 from fhirbridge.store.models import ImagingStudyRecord, StoredInstance, Submission, Task, utcnow
 
 log = logging.getLogger("fhirbridge.pipeline")
+
+# Statements run for every job, built once (see pipeline.queue); DML runs on the connection.
+_TASK_IN_PROGRESS = (update(Task).where(Task.submission_id == bindparam("sub_id"),
+                                        Task.status.in_(("requested", "failed")))
+                     .values(status="in-progress", reason_code="", reason_text=""))
+_TASK_DONE = update(Task).where(Task.id == bindparam("task_id")).values(
+    status="completed", reason_code=bindparam("code"), reason_text=bindparam("text"),
+    output_ref=bindparam("ref"))
+_TASK_OF_SUBMISSION = select(Task).where(Task.submission_id == bindparam("sub_id"))
+_STUDY_KEPT = update(ImagingStudyRecord).where(ImagingStudyRecord.id == bindparam("study_id"))
+_STUDY_UPDATE = _STUDY_KEPT.values(patient_ref=bindparam("p_ref"),
+                                   resource_json=bindparam("r_json"))
+_STUDY_UPDATE_EHR = _STUDY_UPDATE.values(ehr_id=bindparam("ehr"))
+_STUDY_INSERT = insert(ImagingStudyRecord)
+_RECORDED = (select(StoredInstance.sop_instance_uid, StoredInstance.id)
+             .where(StoredInstance.sop_instance_uid.in_(bindparam("uids", expanding=True))))
+# The study's instances, without those of a superseded upload.
+_CURRENT_INSTANCES = (
+    select(StoredInstance)
+    .join(Submission, Submission.id == StoredInstance.submission_id, isouter=True)
+    .where(StoredInstance.study_instance_uid == bindparam("study_uid"),
+           (Submission.superseded_by == "") | (Submission.id.is_(None)))
+    .order_by(StoredInstance.series_instance_uid, StoredInstance.id))
 
 EHR_RECHECK_JOB = "ehr-recheck"  # handled by fhirbridge.pipeline.ehr_recheck
 FHIR_GENDER_TO_DICOM = {"male": "M", "female": "F", "other": "O"}
@@ -139,7 +162,7 @@ class Pipeline:
     def process_upload(self, job: ClaimedJob) -> str:
         with self.db.session() as s:
             sub = s.get(Submission, job.subject_id)
-            task = s.scalar(select(Task).where(Task.submission_id == job.subject_id))
+            task = s.scalar(_TASK_OF_SUBMISSION, {"sub_id": job.subject_id})
         if sub is None or task is None:
             raise Permanent("missing-submission", "the submission is no longer stored")
         resource = json.loads(sub.resource_json)
@@ -228,8 +251,8 @@ class Pipeline:
                       "the stored instance is reused") if reused and not built else ("", "")
 
         def finish(s: Any) -> None:  # in the transaction that keeps the last ImagingStudy
-            s.execute(update(Task).where(Task.id == task.id).values(
-                status="completed", reason_code=code, reason_text=text, output_ref=study_ref))
+            s.connection().execute(_TASK_DONE, {"task_id": task.id, "code": code, "text": text,
+                                                "ref": study_ref})
             self.queue.complete(s, job)
 
         for i, study_uid in enumerate(uids):  # uids[0]: the new instances' study, if any
@@ -246,9 +269,7 @@ class Pipeline:
         """In the claiming transaction: the upload's Task shows in-progress (one commit less
         per job)."""
         if job.kind == UPLOAD_JOB:
-            s.execute(update(Task).where(Task.submission_id == job.subject_id,
-                                         Task.status.in_(("requested", "failed")))
-                      .values(status="in-progress", reason_code="", reason_text=""))
+            s.connection().execute(_TASK_IN_PROGRESS, {"sub_id": job.subject_id})
 
     def _attachments(self, sub: Submission) -> list[dict[str, Any]]:
         atts = json.loads(sub.attachments_json or "[]")
@@ -412,14 +433,13 @@ class Pipeline:
         """Store the new instance rows (updated in place when a retry finds them recorded)
         and supersede the upload they replace (DocumentReference.relatesTo replaces)."""
         uids = [r.sop_instance_uid for r in adding.rows]
-        recorded = dict(s.execute(select(StoredInstance.sop_instance_uid, StoredInstance.id)
-                                  .where(StoredInstance.sop_instance_uid.in_(uids))).all()
-                        ) if uids else {}
+        conn = s.connection()
+        recorded = dict(conn.execute(_RECORDED, {"uids": uids}).all()) if uids else {}
         values = [{c: getattr(r, c) for c in ("sop_instance_uid", *_INSTANCE_COLUMNS)}
                   for r in adding.rows]
         fresh = [v for v in values if v["sop_instance_uid"] not in recorded]
         if fresh:
-            s.execute(insert(StoredInstance), fresh)
+            conn.execute(insert(StoredInstance), fresh)
         for v in values:
             if v["sop_instance_uid"] in recorded:
                 s.execute(update(StoredInstance)
@@ -431,16 +451,7 @@ class Pipeline:
 
     def _current_instances(self, study_instance_uid: str) -> list[StoredInstance]:
         with self.db.session() as s:
-            return list(s.scalars(self._current_query(study_instance_uid)))
-
-    @staticmethod
-    def _current_query(study_instance_uid: str) -> Any:
-        """The study's instances, without those of a superseded upload."""
-        return (select(StoredInstance)
-                .join(Submission, Submission.id == StoredInstance.submission_id, isouter=True)
-                .where(StoredInstance.study_instance_uid == study_instance_uid,
-                       (Submission.superseded_by == "") | (Submission.id.is_(None)))
-                .order_by(StoredInstance.series_instance_uid, StoredInstance.id))
+            return list(s.scalars(_CURRENT_INSTANCES, {"study_uid": study_instance_uid}))
 
     def _write_study(self, study_instance_uid: str, local_id: str, rows: list[StoredInstance],
                      subject: dict[str, Any], patient: PatientRecord,
@@ -468,15 +479,17 @@ class Pipeline:
         with self.db.transaction(durable=False) as s:
             if adding is not None:
                 self._record_instances(s, adding)
-            values = {"patient_ref": patient_key, "resource_json": json.dumps(resource)}
-            if ehr_id:
-                values["ehr_id"] = ehr_id
-            res = s.execute(update(ImagingStudyRecord)
-                            .where(ImagingStudyRecord.id == local_id).values(**values))
+            conn = s.connection()
+            resource_json = json.dumps(resource)
+            res = conn.execute(_STUDY_UPDATE_EHR if ehr_id else _STUDY_UPDATE, {
+                "study_id": local_id, "p_ref": patient_key, "r_json": resource_json,
+                "ehr": ehr_id})
             if not res.rowcount:
-                s.execute(insert(ImagingStudyRecord).values(
-                    id=local_id, study_instance_uid=study_instance_uid, **values))
-            current = list(s.scalars(self._current_query(study_instance_uid)))
+                conn.execute(_STUDY_INSERT, {
+                    "id": local_id, "study_instance_uid": study_instance_uid,
+                    "patient_ref": patient_key, "resource_json": resource_json,
+                    **({"ehr_id": ehr_id} if ehr_id else {})})
+            current = list(s.scalars(_CURRENT_INSTANCES, {"study_uid": study_instance_uid}))
             complete = sorted(r.sop_instance_uid for r in current) == written
             if complete and finish is not None:
                 finish(s)

@@ -48,26 +48,27 @@ class PatientIndex:
         self.db = db
 
     # -- look-ups (fhirbridge.pipeline.patient.PatientIndexLookup) -------------------------
+    # (prebuilt statements on the connection: a look-up runs for every upload)
     def find_by_identifier(self, system: str, value: str) -> list[PatientRecord]:
         with self.db.session() as s:
-            key = s.scalar(select(IndexIdentifier.patient_key).where(
-                IndexIdentifier.system == system, IndexIdentifier.value == value))
+            conn = s.connection()
+            key = conn.execute(_KEY_OF_IDENTIFIER, {"system": system, "value": value}).scalar()
             if key is None:
                 return []
-            rec = self._record(s, key)
+            rec = self._record(conn, key)
             return [rec] if rec else []
 
     def get(self, ref: str) -> PatientRecord | None:
         with self.db.session() as s:
-            return self._record(s, ref.removeprefix(INDEX_PREFIX))
+            return self._record(s.connection(), ref.removeprefix(INDEX_PREFIX))
 
-    def _record(self, s: Session, key: str) -> PatientRecord | None:
-        p = s.get(IndexPatient, key)
+    @staticmethod
+    def _record(conn: Connection, key: str) -> PatientRecord | None:
+        p = conn.execute(_RECORD_STMT, {"key": key}).first()
         if p is None:
             return None
-        idents = tuple(Identifier(i.system, i.value) for i in s.scalars(
-            select(IndexIdentifier).where(IndexIdentifier.patient_key == key)
-            .order_by(IndexIdentifier.id)))
+        idents = tuple(Identifier(system, value)
+                       for system, value in conn.execute(_IDENTS_OF_STMT, {"key": key}))
         names = tuple(Name(family=n.get("family", ""), given=tuple(n.get("given", ())),
                            prefix=n.get("prefix", ""), suffix=n.get("suffix", ""))
                       for n in json.loads(p.names_json))
@@ -373,6 +374,11 @@ _IDENT_INSERT = insert(_IDENT)
 _HISTORY_INSERT = insert(_HISTORY)
 _IDENTS_OF_STMT = (select(_IDENT.c.system, _IDENT.c.value)
                    .where(_IDENT.c.patient_key == bindparam("key")).order_by(_IDENT.c.id))
+_KEY_OF_IDENTIFIER = select(_IDENT.c.patient_key).where(_IDENT.c.system == bindparam("system"),
+                                                        _IDENT.c.value == bindparam("value"))
+_RECORD_STMT = select(_PATIENT.c.names_json, _PATIENT.c.birth_date, _PATIENT.c.sex,
+                      _PATIENT.c.active, _PATIENT.c.merged_into).where(
+                          _PATIENT.c.key == bindparam("key"))
 
 
 @lru_cache(maxsize=16)
