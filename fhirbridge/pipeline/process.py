@@ -73,6 +73,10 @@ _STUDY_UPDATE_EHR = _STUDY_UPDATE.values(ehr_id=bindparam("ehr"))
 _STUDY_INSERT = insert(ImagingStudyRecord)
 _RECORDED = (select(StoredInstance.sop_instance_uid, StoredInstance.id)
              .where(StoredInstance.sop_instance_uid.in_(bindparam("uids", expanding=True))))
+_SAME_CONTENT = select(StoredInstance).where(
+    StoredInstance.content_sha256 == bindparam("sha256"),
+    StoredInstance.patient_ref == bindparam("p_ref"),
+    StoredInstance.sop_instance_uid != bindparam("sop_uid")).limit(1)
 # The study's instances, without those of a superseded upload.
 _CURRENT_INSTANCES = (
     select(StoredInstance)
@@ -317,10 +321,8 @@ class Pipeline:
         if not sha256:
             return None
         with self.db.session() as s:
-            return s.scalar(select(StoredInstance).where(
-                StoredInstance.content_sha256 == sha256,
-                StoredInstance.patient_ref == patient_ref,
-                StoredInstance.sop_instance_uid != sop_instance_uid).limit(1))
+            return s.scalar(_SAME_CONTENT, {"sha256": sha256, "p_ref": patient_ref,
+                                            "sop_uid": sop_instance_uid})
 
     # -- pieces, public so corrections and the review queue reuse them ----------------------
     def demographics(self, patient: PatientRecord) -> PatientDemographics | None:
