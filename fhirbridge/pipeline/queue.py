@@ -114,11 +114,6 @@ class JobQueue:
                 on_claim(s, claimed)
         return claimed
 
-    @staticmethod
-    def _still_ours(job: ClaimedJob):  # type: ignore[no-untyped-def]
-        """`_STILL_OURS` with this claim's values (for the rare paths)."""
-        return (Job.id == job.id) & (Job.state == "running") & (Job.attempts == job.attempts)
-
     def complete(self, session: Session, job: ClaimedJob, state: str = "done") -> None:
         """Mark done (or held) inside the transaction that records the step's result.
         A no-op when the lease was lost to another worker (it finishes the job)."""
@@ -132,18 +127,18 @@ class JobQueue:
             if retryable and job.attempts < self.max_attempts:
                 delay = min(self.backoff_max, self.backoff_base * 2 ** (job.attempts - 1))
                 delay *= random.uniform(0.8, 1.2)
-                res = s.execute(
-                    update(Job).where(self._still_ours(job))
+                res = s.connection().execute(
+                    update(Job).where(_STILL_OURS)
                     .values(state="queued", lease_owner="", lease_expires_at=None,
                             last_error=error[:2000],
-                            next_attempt_at=utcnow() + timedelta(seconds=delay))
-                )
+                            next_attempt_at=utcnow() + timedelta(seconds=delay)),
+                    {"job_id": job.id, "attempt": job.attempts})
                 return "queued" if res.rowcount else "lost"
-            res = s.execute(
-                update(Job).where(self._still_ours(job))
+            res = s.connection().execute(
+                update(Job).where(_STILL_OURS)
                 .values(state="failed", lease_owner="", lease_expires_at=None,
-                        last_error=error[:2000])
-            )
+                        last_error=error[:2000]),
+                {"job_id": job.id, "attempt": job.attempts})
             return "failed" if res.rowcount else "lost"
 
     def list_failed(self) -> list[Job]:
