@@ -48,8 +48,7 @@ class BlobStore:
         path = self.root / rel
         if path.exists() and path.stat().st_size == len(data):
             return rel, digest
-        if not write_uncached(path, data):
-            write_durably(path, data)
+        write_durably(path, data, uncached=True)
         return rel, digest
 
     async def put_stream(self, chunks: AsyncIterable[bytes] | Iterable[bytes], *,
@@ -185,22 +184,34 @@ async def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterato
             yield chunk
 
 
-def write_durably(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+def write_durably(path: Path, data: bytes | Callable[[BinaryIO], object], *,
+                  uncached: bool = False) -> None:
     """Write to a temporary name, fsync, rename over `path`, fsync the directory: readers see
     the old file or the whole new one, and the new one survives a crash. `data` is the bytes,
-    or a function that writes them into the open file."""
+    or a function that writes them into the open file. `uncached`: bytes written once and
+    read once go past the page cache (O_DIRECT) where the file system allows it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL) \
+        if uncached and not callable(data) else None
     try:
-        with open(tmp, "wb") as fh:
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        if fd is not None:
+            _write_direct(fd, data)  # type: ignore[arg-type]
+            os.fsync(fd)
+            os.close(fd)
+            fd = None
+        else:
+            with open(tmp, "wb") as fh:
+                if callable(data):
+                    data(fh)
+                else:
+                    fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
+        if fd is not None:
+            os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
@@ -241,36 +252,19 @@ def _open_direct(path: Path, flags: int) -> int | None:
         raise
 
 
-def write_uncached(path: Path, data: bytes) -> bool:
-    """`write_durably` without the page cache: False (nothing written) where O_DIRECT is not
-    available. The last block is padded, then the file truncated to its size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    if fd is None:
-        return False
-    try:
-        buf, src = _aligned_buffer(), memoryview(data)
-        with memoryview(buf) as window:
-            for offset in range(0, len(data), _DIRECT_CHUNK):
-                n = min(_DIRECT_CHUNK, len(data) - offset)
-                padded = -(-n // _ALIGN) * _ALIGN
-                window[:n] = src[offset:offset + n]
-                written = 0
-                while written < padded:
-                    written += os.write(fd, window[written:padded])
-        os.ftruncate(fd, len(data))
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        os.replace(tmp, path)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return True
+def _write_direct(fd: int, data: bytes) -> None:
+    """All of `data` into an O_DIRECT descriptor: whole blocks through the aligned buffer
+    (the last one padded), then the file cut to its size."""
+    buf, src = _aligned_buffer(), memoryview(data)
+    with memoryview(buf) as window:
+        for offset in range(0, len(data), _DIRECT_CHUNK):
+            n = min(_DIRECT_CHUNK, len(data) - offset)
+            padded = -(-n // _ALIGN) * _ALIGN
+            window[:n] = src[offset:offset + n]
+            written = 0
+            while written < padded:
+                written += os.write(fd, window[written:padded])
+    os.ftruncate(fd, len(data))
 
 
 def read_uncached(path: Path) -> bytes | None:

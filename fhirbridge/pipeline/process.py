@@ -307,8 +307,9 @@ class Pipeline:
                         if a.get("index") == att.get("index"):
                             a.update(blob_path=rel, sha256=digest, size=size)
                     row.attachments_json = json.dumps(stored)
-        path = self.blobs.path(att["blob_path"])
-        return path if kind_of(att["content_type"]) == VIDEO else self.blobs.get(att["blob_path"])
+        if kind_of(att["content_type"]) == VIDEO:
+            return self.blobs.path(att["blob_path"])
+        return self.blobs.get(att["blob_path"])
 
     def _replaces_other_patient(self, replaced_id: str, patient_ref: str) -> bool:
         with self.db.session() as s:
@@ -485,7 +486,7 @@ class Pipeline:
             resource_json = json.dumps(resource)
             res = conn.execute(_STUDY_UPDATE_EHR if ehr_id else _STUDY_UPDATE, {
                 "study_id": local_id, "p_ref": patient_key, "r_json": resource_json,
-                "ehr": ehr_id})
+                **({"ehr": ehr_id} if ehr_id else {})})
             if not res.rowcount:
                 conn.execute(_STUDY_INSERT, {
                     "id": local_id, "study_instance_uid": study_instance_uid,

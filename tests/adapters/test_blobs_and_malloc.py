@@ -54,13 +54,26 @@ def _round_trip(store: BlobStore) -> None:
     assert not [p for p in store.root.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_staged_blobs_round_trip_whatever_their_size(tmp_path: Path) -> None:
+def test_staged_blobs_round_trip_whatever_their_size(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    opened = []
+
+    def spy(path: Path, flags: int) -> int | None:
+        fd = open_direct(path, flags)
+        opened.append(fd is not None)
+        return fd
+
+    open_direct = blobs._open_direct
+    monkeypatch.setattr(blobs, "_open_direct", spy)
     _round_trip(BlobStore(tmp_path / "blobs"))
+    # Linux file systems for a data dir (ext4, xfs, btrfs, tmpfs ≥ 6.6) take O_DIRECT: the
+    # uncached path is what ran, for writes and for reads
+    assert opened and all(opened), "O_DIRECT was refused: only the buffered fallback ran"
 
 
 def test_staged_blobs_round_trip_without_o_direct(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(blobs, "_open_direct", lambda path, flags: None)  # e.g. tmpfs, macOS
+    monkeypatch.setattr(blobs, "_open_direct", lambda path, flags: None)  # e.g. macOS
     _round_trip(BlobStore(tmp_path / "blobs"))
 
 
