@@ -10,7 +10,26 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from tests.support import phi
 from tests.support.servers import FhirServer, OrthancServer, dciodvfy, require_tools
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_phi_in_logs() -> Iterator[None]:
+    """Security: at the end of the session, no log line of the pytest process or of any
+    `fhirbridge serve` it ran holds a seeded name, identifier, birth date or any JWT."""
+    handler = phi.install_collector()
+    for sample in sorted((ROOT / "samples").glob("*.hl7")):
+        phi.seed_hl7(sample.read_text(errors="replace"))
+    yield
+    import logging
+
+    logging.getLogger().removeHandler(handler)
+    found = phi.findings()
+    assert not found, (f"{len(found)} log line(s) hold PHI or a token:\n"
+                       + "\n".join(found[:20]))
 
 # --- real components on loopback (tests/support/servers.py) ---------------------------------
 # Started once per session, only when a test asks for them; a missing tool fails the test with

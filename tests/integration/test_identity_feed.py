@@ -25,6 +25,7 @@ from tests.integration.test_photo_end_to_end import (
     unique_photo,
     with_photo,
 )
+from tests.support.phi import seed_hl7
 from tests.support.service import FhirbridgeService
 
 MLLP_SEND = Path(sys.executable).parent / "mllp_send"
@@ -38,7 +39,9 @@ def adt(event: str, pid: str, *, mrg: str = "", when: str = "20261121100000",
             f"EVN|{event}|{when}", pid]
     if mrg:
         segs.append(mrg)
-    return "\r".join(segs) + "\r"
+    message = "\r".join(segs) + "\r"
+    seed_hl7(message)  # the session's log scan looks for these names and identifiers
+    return message
 
 
 def send(svc: FhirbridgeService, tmp_path: Path, *messages: str) -> str:

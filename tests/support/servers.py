@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from tests.support.phi import seed_patient
+
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_HINT = "scripts/install-test-deps.sh"
 
@@ -321,6 +323,7 @@ class FhirServer(_Process):
         r = httpx.post(f"{self.base_url}/Patient", json=res, timeout=10,
                        headers={"Content-Type": "application/fhir+json"})
         assert r.status_code == 201, r.text
+        seed_patient(res)  # the session's log scan looks for these values
         return r.json()
 
     def stop(self) -> None:

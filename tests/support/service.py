@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 
+from tests.support.phi import watch_log_file
+
 ROOT = Path(__file__).resolve().parents[2]
 FHIRBRIDGE = Path(sys.executable).parent / "fhirbridge"
 
@@ -57,6 +59,7 @@ class FhirbridgeService:
         self.config = workdir / "fhirbridge.toml"
         self.config.write_text("\n".join(lines) + "\n" + extra)
         self.log = workdir / "fhirbridge.log"
+        watch_log_file(self.log)  # scanned for PHI and tokens at the end of the session
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.fhir = f"{self.base}/fhir"
         self._env = {**os.environ, **(env or {})}
