@@ -8,6 +8,10 @@ A staged upload is written once (intake) and read once (the worker), so `put` an
 the page cache (O_DIRECT, through a reused page-aligned buffer per thread) where the file
 system allows it: copying every photo into fresh page-cache pages cost the HTTP process about
 a fifth of its CPU (docs/decisions.md, "Photo pipeline speed").
+
+PHI at rest: directories are created 0700 and files 0600 (the bytes are patients' photos);
+`remove` deletes a blob once nobody needs it, safely against a concurrent upload of the same
+bytes (content-addressed blobs are shared).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from typing import Any, BinaryIO, TypeVar
 
 _TMP_PREFIX = ".upload-"
 _BATCH_BYTES = 1024 * 1024  # put_stream hands writes to a thread in batches of about this size
+PRIVATE_DIR = 0o700  # PHI at rest: only the service's own user
+PRIVATE_FILE = 0o600
+_TOMB_SUFFIX = ".gone"
 T = TypeVar("T")
 
 
@@ -39,14 +46,14 @@ class BlobTooLarge(Exception):
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.root)
 
     def put(self, data: bytes) -> tuple[str, str]:
         """Store bytes; returns (relative path, sha256 hex). Idempotent for equal bytes."""
         digest = hashlib.sha256(data).hexdigest()
         rel = _rel(digest)
         path = self.root / rel
-        if path.exists() and path.stat().st_size == len(data):
+        if _touch_if_same_size(path, len(data)):
             return rel, digest
         write_durably(path, data, uncached=True)
         return rel, digest
@@ -111,6 +118,44 @@ class BlobStore:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
+    def remove(self, rel: str, in_use: Callable[[], bool], *, used_after: float) -> bool:
+        """Delete the blob `rel` unless `in_use()` (asked after the blob is set aside) says
+        someone still needs it, or it was written or re-used (mtime) after `used_after` (a
+        POSIX time): an upload of the same bytes may be on its way to its database commit.
+        The blob is renamed aside first, so an upload arriving meanwhile writes a fresh copy;
+        a kept blob is put back. True when it was deleted."""
+        path = self.root / rel
+        tomb = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TOMB_SUFFIX}")
+        try:
+            os.rename(path, tomb)
+        except FileNotFoundError:
+            return False
+        try:
+            keep = tomb.stat().st_mtime > used_after or in_use()
+        except BaseException:
+            os.replace(tomb, path)
+            raise
+        if keep:
+            os.replace(tomb, path)  # a fresh copy written meanwhile has the same bytes
+            return False
+        tomb.unlink()
+        return True
+
+    def restore_set_aside(self, older_than: float) -> int:
+        """Put back blobs `remove` set aside and never finished with (the process died between
+        its rename and its decision); their users decide again. Returns how many."""
+        restored = 0
+        for tomb in self.root.glob(f"*/.*{_TOMB_SUFFIX}"):
+            try:
+                if tomb.stat().st_mtime > older_than:
+                    continue
+                name = tomb.name[1:].rsplit(".", 2)[0]  # .<digest>.<uuid>.gone
+                os.replace(tomb, tomb.with_name(name))
+                restored += 1
+            except FileNotFoundError:
+                continue
+        return restored
+
 
 class _Writer:
     """One temporary file in the store root, hashed as written, renamed into place on commit."""
@@ -121,7 +166,8 @@ class _Writer:
         self.size = 0  # counted as chunks arrive (before the thread writes them)
         self.hash = hashlib.sha256()
         self.tmp: Path | None = root / f"{_TMP_PREFIX}{uuid.uuid4().hex}.tmp"
-        self.fh = open(self.tmp, "xb")  # noqa: SIM115 - closed in commit/discard
+        self.fh = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                    PRIVATE_FILE), "wb")  # closed in commit/discard
         self.lock = threading.Lock()  # discard waits for a write or commit in progress
 
     def count(self, n: int) -> None:
@@ -151,7 +197,7 @@ class _Writer:
         rel = _rel(digest)
         path = self.root / rel
         new_dir = not path.parent.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         os.replace(self.tmp, path)  # equal bytes already there: same content, same name
         self.tmp = None
         _fsync_dir(path.parent)
@@ -175,6 +221,29 @@ def _rel(digest: str) -> str:
     return f"{digest[:2]}/{digest}"
 
 
+def _touch_if_same_size(path: Path, size: int) -> bool:
+    """Equal bytes already stored: mark them used now (mtime) so a concurrent `remove` keeps
+    them, and say so. False when absent (or removed meanwhile): the caller writes."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def make_private_dir(path: Path) -> bool:
+    """Create `path` (and parents) as 0700, or make an existing one 0700. True when an
+    existing directory was more open than that and was closed."""
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode != PRIVATE_DIR:
+        os.chmod(path, PRIVATE_DIR)
+        return bool(mode & 0o077)
+    return False
+
+
 async def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
     if isinstance(chunks, AsyncIterable):
         async for chunk in chunks:
@@ -190,7 +259,7 @@ def write_durably(path: Path, data: bytes | Callable[[BinaryIO], object], *,
     the old file or the whole new one, and the new one survives a crash. `data` is the bytes,
     or a function that writes them into the open file. `uncached`: bytes written once and
     read once go past the page cache (O_DIRECT) where the file system allows it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL) \
         if uncached and not callable(data) else None
@@ -201,7 +270,8 @@ def write_durably(path: Path, data: bytes | Callable[[BinaryIO], object], *,
             os.close(fd)
             fd = None
         else:
-            with open(tmp, "wb") as fh:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE),
+                           "wb") as fh:
                 if callable(data):
                     data(fh)
                 else:
@@ -245,7 +315,7 @@ def _open_direct(path: Path, flags: int) -> int | None:
     if not _O_DIRECT:
         return None
     try:
-        return os.open(path, flags | _O_DIRECT, 0o644)
+        return os.open(path, flags | _O_DIRECT, PRIVATE_FILE)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             return None

@@ -41,6 +41,9 @@ class Pacs(Protocol):
         """Store the objects. `files`, when given, are the same objects already written as
         Part 10 files (in order): they are sent as they are, not encoded again."""
     def replace(self, corrected: list[tuple[str, Dataset]]) -> None: ...
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset | None:
+        """The stored object back from the PACS (for corrections once our copy is gone);
+        None when the PACS does not hold it. PacsError when it cannot be asked."""
     def ping(self) -> bool: ...
     def close(self) -> None: ...
     @property
@@ -173,6 +176,12 @@ class DimsePacs:
         """Re-send under the same SOP Instance UIDs (for PACSs keyed on the UID)."""
         self.store([ds for _, ds in corrected])
 
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset | None:
+        """C-GET at IMAGE level (PS3.4 C.4.3, Study Root): the PACS sends the object back as
+        C-STOREs on the same association, for which we take the SCP role of the storage SOP
+        classes fhirbridge builds (PS3.7 D.3.3.4 SCP/SCU role selection)."""
+        return _c_get(self, study_uid, series_uid, sop_uid)
+
     def ping(self) -> bool:
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.network_timeout = 5
@@ -248,6 +257,24 @@ class StowRsPacs:
     def replace(self, corrected: list[tuple[str, Dataset]]) -> None:
         self.store([ds for _, ds in corrected])
 
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset | None:
+        """WADO-RS RetrieveInstance (PS3.18 10.4): the Part 10 object as stored, in its own
+        transfer syntax (`transfer-syntax=*`), from a multipart/related answer."""
+        try:
+            r = self.client.get(
+                f"{self.base}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}",
+                headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                   "transfer-syntax=*"})
+        except httpx.HTTPError as exc:
+            raise PacsError(f"WADO-RS request failed: {type(exc).__name__}") from exc
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise PacsError(f"WADO-RS answered HTTP {r.status_code}",
+                            retryable=r.status_code >= 500 or r.status_code == 429)
+        parts = _multipart_parts(r.headers.get("content-type", ""), r.content)
+        return dcmread(io.BytesIO(parts[0])) if parts else None
+
     def ping(self) -> bool:
         try:
             r = self.client.get(f"{self.base}/studies", params={"limit": "1"})
@@ -300,6 +327,10 @@ class FolderPacs:
             return dcmread(path)
         return None
 
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset | None:
+        path = self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+        return dcmread(path) if path.is_file() else self.read(sop_uid)
+
     def ping(self) -> bool:
         return self.root.is_dir() and os.access(self.root, os.W_OK)
 
@@ -340,12 +371,95 @@ class OrthancCorrections:
             except httpx.HTTPError as exc:
                 raise PacsError(f"Orthanc correction failed: {type(exc).__name__}") from exc
 
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset | None:
+        """The object through Orthanc's REST API (`/tools/find`, `/instances/{id}/file`);
+        while a correction is half done two copies may exist: the first is as good."""
+        try:
+            r = self.rest.post("/tools/find", json={
+                "Level": "Instance", "Query": {"SOPInstanceUID": sop_uid}})
+            r.raise_for_status()
+            ids = [i if isinstance(i, str) else i.get("ID", "") for i in r.json()]
+            if not ids:
+                return None
+            f = self.rest.get(f"/instances/{ids[0]}/file")
+            if f.status_code == 404:  # deleted between the look-up and the download
+                return None
+            f.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise PacsError(f"Orthanc retrieve failed: {type(exc).__name__}") from exc
+        return dcmread(io.BytesIO(f.content))
+
     def ping(self) -> bool:
         return self.pacs.ping()
 
     def close(self) -> None:
         self.rest.close()
         self.pacs.close()
+
+
+def _multipart_parts(content_type: str, body: bytes) -> list[bytes]:
+    """The bodies of a multipart/related message (RFC 2387 / RFC 2046 5.1)."""
+    params = dict(p.strip().split("=", 1) for p in content_type.split(";")[1:] if "=" in p)
+    boundary = params.get("boundary", "").strip('"')
+    if not boundary:
+        return []
+    parts = []
+    for chunk in body.split(b"--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):  # the close delimiter
+            break
+        head, sep, rest = chunk.partition(b"\r\n\r\n")
+        if sep:
+            parts.append(rest[:-2] if rest.endswith(b"\r\n") else rest)
+    return parts
+
+
+# What fhirbridge builds (VL Photographic, Video Photographic, Encapsulated PDF; PS3.4 B.5)
+# and the transfer syntaxes it writes them in, for C-GET's storage sub-operations.
+_BUILT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.77.1.4", "1.2.840.10008.5.1.4.1.1.77.1.4.1",
+                      "1.2.840.10008.5.1.4.1.1.104.1")
+_BUILT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.102",
+                            "1.2.840.10008.1.2.4.102.1", "1.2.840.10008.1.2.4.103",
+                            "1.2.840.10008.1.2.4.104", "1.2.840.10008.1.2.4.105",
+                            "1.2.840.10008.1.2.4.106", "1.2.840.10008.1.2.4.107",
+                            "1.2.840.10008.1.2.4.108", "1.2.840.10008.1.2.1",
+                            "1.2.840.10008.1.2")
+_STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Q/R Information Model - GET
+
+
+def _c_get(pacs: DimsePacs, study_uid: str, series_uid: str, sop_uid: str) -> Dataset | None:
+    from pynetdicom import build_role, evt
+
+    received: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    ae = AE(ae_title=pacs.ae_title)
+    ae.maximum_pdu_size = pacs.max_pdu
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = pacs.timeout
+    ae.add_requested_context(_STUDY_ROOT_GET)
+    for sop_class in _BUILT_SOP_CLASSES:  # one context per syntax: the PACS may send the
+        for syntax in _BUILT_TRANSFER_SYNTAXES:  # object as stored, not transcoded
+            ae.add_requested_context(sop_class, [syntax])
+    roles = [build_role(c, scp_role=True) for c in _BUILT_SOP_CLASSES]
+    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.called_aet, ext_neg=roles,
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    if not assoc.is_established:
+        raise PacsError("PACS refused or did not answer the C-GET association request")
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
+    query.SOPInstanceUID = sop_uid
+    try:
+        for status, _ in assoc.send_c_get(query, _STUDY_ROOT_GET):
+            if not status:
+                raise PacsError("C-GET: no response from the PACS")
+    finally:
+        assoc.release()
+    return received[0] if received else None
 
 
 def open_pacs(url: str, *, ae_title: str = "FHIRBRIDGE", wado_rs_url: str = "",
