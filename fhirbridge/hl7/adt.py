@@ -125,10 +125,13 @@ Event: TypeAlias = PatientUpsert | PatientMerge | IdentifierChange | OtherEvent
 
 @dataclass(frozen=True, slots=True)
 class ParsedMessage:
-    """`parse_adt`'s result: the event and the header the ACK is built from."""
+    """`parse_adt`'s result: the event and the header the ACK is built from; `peer` is the
+    MLLP sender ("203.0.113.7:51234", with " CN=…" for a verified TLS client certificate),
+    filled in by the listener for the audit trail."""
 
     header: MessageHeader
     event: Event
+    peer: str = ""
 
 
 def parse_adt(raw: bytes, *, default_tz: tzinfo | None = timezone.utc) -> ParsedMessage:

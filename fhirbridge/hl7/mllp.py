@@ -4,14 +4,23 @@ Follows HL7 v2.5.1 Appendix C (lower layer protocols), §C.4 MLLP: a message is 
 <VT> message <FS><CR>; bytes outside a frame are discarded. Acknowledgment follows Chapter 2
 §2.9.2 (original mode): AR for what cannot be parsed or is not accepted, without calling the
 application; AA only after the application's handler has returned (it has committed).
+
+Connection security (the lower layer is TCP, or TLS 1.2+ when a server context is given): a
+peer outside `allowed_peers`, or beyond `max_connections`, is closed right after accept,
+before a byte is read and before any TLS handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+import ssl
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 
 from fhirbridge.hl7.ack import (
     ACCEPT,
@@ -28,6 +37,7 @@ from fhirbridge.hl7.message import (
     MessageRejected,
     decode_message,
 )
+from fhirbridge.tls import peer_subject_cn
 
 log = logging.getLogger("fhirbridge.hl7.mllp")
 
@@ -35,6 +45,8 @@ VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
 Handler = Callable[[ParsedMessage], Awaitable[AckDecision]]
 Parser = Callable[[bytes], ParsedMessage]
 READ_CHUNK = 64 * 1024
+HANDSHAKE_TIMEOUT = 60.0  # TLS handshake limit when there is no idle timeout (asyncio's default)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 GENERIC_ERROR_TEXT = "the message could not be applied; the receiver logged the cause"
 
 
@@ -50,13 +62,23 @@ class MLLPServer:
     `on_ack(code)` is called after each ACK is written (for metrics); `on_stop()` is called
     (in a thread) by `stop()` once every connection has ended, e.g. to stop the handler's
     writer thread.
+
+    Security: with `ssl_context` (see `fhirbridge.tls.server_context`) the port speaks TLS
+    only; a client that has not completed the handshake within `idle_timeout` is dropped.
+    `allowed_peers` (CIDRs, IPv4 and IPv6; empty = any) and `max_connections` are checked on
+    the accepted socket before anything is read from it; refusals are counted in `refused`
+    ("peer" / "limit") and reported to `on_refused(reason)`. Each parsed message reaches the
+    handler with `peer` set ("ip:port", plus " CN=…" of a verified client certificate).
     """
 
     def __init__(self, handler: Handler, *, max_message_bytes: int = 1024 * 1024,
                  idle_timeout: float | None = 600.0, application: str = "FHIRBRIDGE",
                  facility: str = "", parser: Parser = parse_adt,
                  on_ack: Callable[[str], None] | None = None,
-                 on_stop: Callable[[], None] | None = None) -> None:
+                 on_stop: Callable[[], None] | None = None,
+                 ssl_context: ssl.SSLContext | None = None,
+                 allowed_peers: Iterable[str] = (), max_connections: int | None = None,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         self.handler = handler
         self.max_message_bytes = max_message_bytes
         self.idle_timeout = idle_timeout
@@ -65,19 +87,65 @@ class MLLPServer:
         self.parser = parser
         self.on_ack = on_ack
         self.on_stop = on_stop
-        self._server: asyncio.Server | None = None
+        self.ssl_context = ssl_context
+        # strict=False: "10.1.2.3/8" means 10.0.0.0/8; a bad entry raises ValueError at start-up
+        self.allowed_peers: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(cidr.strip(), strict=False) for cidr in allowed_peers)
+        if max_connections is not None and max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.max_connections = max_connections
+        self.on_refused = on_refused
+        self.refused: Counter[str] = Counter()
+        self._sockets: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[None]] = []
+        self._started = False
         self._connections: set[asyncio.Task[None]] = set()
         self._port = 0
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 2575) -> None:
-        """Listen on host:port (port 0 picks a free port; see `port`)."""
-        if self._server is not None:
+        """Listen on host:port (port 0 picks a free port; see `port`).
+
+        Sockets are accepted here rather than by `asyncio.start_server(ssl=…)`, which runs
+        the TLS handshake before any callback could look at the peer: an address outside
+        `allowed_peers` must be closed before it can make us read or handshake anything.
+        Admitted sockets are then wrapped with `loop.connect_accepted_socket(ssl=…)`."""
+        if self._started:
             raise RuntimeError("MLLPServer already started")
-        self._server = await asyncio.start_server(self._serve, host, port, limit=READ_CHUNK)
-        sockets = self._server.sockets or ()
-        self._port = int(sockets[0].getsockname()[1]) if sockets else port
-        log.info("MLLP listening on %s:%d", host, self._port)
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        seen: set[tuple[int, object]] = set()
+        try:
+            for family, type_, proto, _canon, address in infos:
+                if (family, address) in seen:
+                    continue
+                seen.add((family, address))
+                sock = socket.socket(family, type_, proto)
+                self._sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and len(infos) > 1:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address if port or not self._port else (address[0], self._port,
+                                                                   *address[2:]))
+                sock.listen(128)
+                sock.setblocking(False)
+                self._port = self._port or int(sock.getsockname()[1])
+        except BaseException:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+            raise
+        self._started = True
+        self._acceptors = [asyncio.create_task(self._accept(sock), name="mllp-accept")
+                           for sock in self._sockets]
+        log.info("MLLP listening on %s:%d, TLS %s%s, %s", host, self._port,
+                 "on" if self.ssl_context else "off",
+                 " (client certificate required)"
+                 if self.ssl_context and self.ssl_context.verify_mode == ssl.CERT_REQUIRED
+                 else "",
+                 f"{len(self.allowed_peers)} allowed peer range(s)" if self.allowed_peers
+                 else "any peer")
 
     @property
     def port(self) -> int:
@@ -86,19 +154,21 @@ class MLLPServer:
     async def stop(self) -> None:
         """Stop accepting, close every connection (a message being handled gets no ACK: the
         sender will resend it) and wait for the connection tasks to end."""
-        server, self._server = self._server, None
-        if server is None:
+        if not self._started:
             return
-        server.close()
-        for _ in range(3):  # let connections accepted just before close() reach _serve
-            await asyncio.sleep(0)
+        self._started = False
+        acceptors, self._acceptors = self._acceptors, []
+        for t in acceptors:
+            t.cancel()
+        await asyncio.gather(*acceptors, return_exceptions=True)
+        sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            sock.close()
         tasks = list(self._connections)
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 5)
         if self.on_stop is not None:
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self.on_stop)
@@ -111,14 +181,75 @@ class MLLPServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # -- accepting ------------------------------------------------------------------------
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, address = await loop.sock_accept(listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # e.g. EMFILE: out of file descriptors; try again shortly
+                log.warning("MLLP accept failed: %s", type(exc).__name__)
+                await asyncio.sleep(0.1)
+                continue
+            self._admit(sock, address)
+
+    def _admit(self, sock: socket.socket, address: tuple[object, ...]) -> None:
+        """Refuse (close at once, nothing read) or start serving one accepted socket. Runs
+        synchronously, so the connection count cannot change between check and start."""
+        peer = _address_text(address)
+        reason = ""
+        if self.allowed_peers and not _allowed(address, self.allowed_peers):
+            reason = "peer"
+            log.warning("MLLP connection from %s refused: address not in mllp.allowed_peers",
+                        peer)
+        elif self.max_connections is not None and \
+                len(self._connections) >= self.max_connections:
+            reason = "limit"
+            log.warning("MLLP connection from %s refused: %d connections open "
+                        "(mllp.max_connections)", peer, len(self._connections))
+        if reason:
+            sock.close()
+            self.refused[reason] += 1
+            if self.on_refused is not None:
+                try:
+                    self.on_refused(reason)
+                except Exception as exc:
+                    log.warning("on_refused hook failed: %s", type(exc).__name__)
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(sock, peer))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
     # -- one connection -------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        peer = writer.get_extra_info("peername")
+    async def _serve(self, sock: socket.socket, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_CHUNK, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
-            await self._connection(reader, writer)
+            if self.ssl_context is None:
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+            else:
+                # the handshake is bounded like silence: a client that connects and never
+                # (or only slowly) handshakes is dropped after the idle timeout
+                limit = self.idle_timeout or HANDSHAKE_TIMEOUT
+                transport, _ = await asyncio.wait_for(loop.connect_accepted_socket(
+                    lambda: protocol, sock, ssl=self.ssl_context,
+                    ssl_handshake_timeout=limit), limit + 1)
+        except asyncio.CancelledError:
+            sock.close()
+            return
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            sock.close()
+            log.info("MLLP TLS handshake with %s failed: %s", peer, _tls_reason(exc))
+            return
+        cn = peer_subject_cn(transport.get_extra_info("peercert"))
+        if cn:
+            peer = f"{peer} CN={cn}"
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        try:
+            await self._connection(reader, writer, peer)
         except asyncio.CancelledError:
             pass
         except (ConnectionError, OSError) as exc:
@@ -127,10 +258,8 @@ class MLLPServer:
             log.error("MLLP connection from %s failed: %s", peer, type(exc).__name__)
         finally:
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BaseException):
                 await asyncio.wait_for(writer.wait_closed(), 2)
-            if task is not None:
-                self._connections.discard(task)
 
     async def _read(self, reader: asyncio.StreamReader) -> bytes | None:
         """Next chunk; b"" at EOF; None after the idle timeout."""
@@ -142,7 +271,7 @@ class MLLPServer:
             return None
 
     async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+                          writer: asyncio.StreamWriter, peer: str = "") -> None:
         buf = bytearray()
         in_frame = False
         while True:
@@ -167,14 +296,15 @@ class MLLPServer:
                     if len(frame) > self.max_message_bytes:
                         await self._oversized(frame, reader, writer, found_end=True)
                         return
-                    await self._answer(frame, writer)
+                    await self._answer(frame, writer, peer)
                     continue
                 if len(buf) > self.max_message_bytes:
                     await self._oversized(bytes(buf[:4096]), reader, writer, found_end=False)
                     return
             chunk = await self._read(reader)
             if chunk is None:
-                log.info("MLLP connection idle for %.0f s: closing", self.idle_timeout or 0)
+                log.info("MLLP connection from %s idle for %.0f s: closing", peer,
+                         self.idle_timeout or 0)
                 return
             if not chunk:
                 if in_frame and buf.strip():
@@ -183,9 +313,11 @@ class MLLPServer:
                 return
             buf += chunk
 
-    async def _answer(self, frame: bytes, writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, frame: bytes, writer: asyncio.StreamWriter, peer: str = "") -> None:
         try:
             parsed = self.parser(frame)
+            if peer and isinstance(parsed, ParsedMessage):
+                parsed = dataclasses.replace(parsed, peer=peer)
         except MessageRejected as exc:
             log.info("MLLP message %s rejected: %s %s", _cid(exc.header), exc.reason_code,
                      exc.text)
@@ -259,6 +391,40 @@ def _header_or_none(frame: bytes) -> MessageHeader | None:
         return exc.header
     except Exception:
         return None
+
+
+def _address_text(address: tuple[object, ...]) -> str:
+    """"203.0.113.7:51234" / "[2001:db8::1]:51234" (an IPv4-mapped IPv6 address as IPv4)."""
+    host = str(address[0]).split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"{host}:{address[1]}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return f"[{ip}]:{address[1]}" if ip.version == 6 else f"{ip}:{address[1]}"
+
+
+def _allowed(address: tuple[object, ...], networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether the peer's IP lies in one of `networks`; "::ffff:10.1.2.3" (a v4 client on a
+    dual-stack socket, RFC 4291 2.5.5.2) is matched as 10.1.2.3. Unparseable = refused."""
+    try:
+        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)  # a v4 address is never in a v6 net, and back
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """What went wrong in a handshake, for the log: OpenSSL's reason code (e.g.
+    PEER_DID_NOT_RETURN_A_CERTIFICATE, CERTIFICATE_VERIFY_FAILED) or the exception type."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, (TimeoutError, ConnectionAbortedError)):
+        return "no handshake within the time limit"
+    return type(exc).__name__
 
 
 def _cid(header: MessageHeader | None) -> str:
