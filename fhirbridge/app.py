@@ -66,7 +66,8 @@ class Services:
 
     def intake_context(self) -> IntakeContext:
         """What intake needs for one request (bundle_blobs is per request)."""
-        return IntakeContext(blobs=self.blobs, limits=self.settings.media.limits(),
+        limits = self.settings.media.limits(self.settings.http)  # + JSON depth, Bundle entries
+        return IntakeContext(blobs=self.blobs, limits=limits,
                              local_binary=self.local_binary, url_allowed=self.url_allowed,
                              probe_video=probe_video,
                              own_base=self.settings.fhir_base_url)
@@ -171,7 +172,7 @@ class Workers:
 def create_app(services: Services, *, workers: int | None = None,
                mllp: bool | None = None) -> FastAPI:
     from fhirbridge.api import imagingstudy, ops, review, task, uploads
-    from fhirbridge.api.limits import BodySizeLimit
+    from fhirbridge.api.limits import BodySizeLimit, ConcurrencyLimit, RequestTimeout
     from fhirbridge.api.responses import install_error_handlers
 
     n_workers = services.settings.pipeline.workers if workers is None else workers
@@ -201,6 +202,10 @@ def create_app(services: Services, *, workers: int | None = None,
     app.include_router(binary.router)
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.http.max_body_bytes,
                        raw_limits=binary.raw_limits(services.settings.media.max_binary_bytes))
+    # added last = outermost: a request over the cap is refused before anything else runs
+    app.add_middleware(RequestTimeout, seconds=services.settings.http.request_timeout_seconds)
+    app.add_middleware(ConcurrencyLimit,
+                       max_requests=services.settings.http.max_concurrent_requests)
     return app
 
 

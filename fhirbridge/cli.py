@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 log = logging.getLogger("fhirbridge.cli")
 
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p_jobs.add_argument("--retry", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_no_server_tracebacks)
     # Request URLs carry identifiers (Patient?identifier=…): keep client libraries quiet (no PHI)
     for noisy in ("httpx", "httpcore", "pynetdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         import uvicorn
 
+        from fhirbridge.api.limits import h11_with_header_timeout
+        from fhirbridge.config import protections_summary
+
+        log.info("%s", protections_summary(settings))
         # The pipeline runs in `worker_processes` child processes (outside the GIL of the
         # process that answers HTTP and MLLP), or as threads here when that is 0.
         children = WorkerProcesses(
@@ -71,9 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(services, workers=0 if children.count else None)
         # h11, not httptools: with a lying Content-Length, httptools drops the valid first
         # request and answers text/plain; h11 answers it (an OperationOutcome) in order.
+        # Our h11 also closes a connection whose headers are not complete in time
+        # (slowloris); idle keep-alive connections close after 5 s; uvicorn's own 503 cap is
+        # a backstop above ours (api.limits.ConcurrencyLimit answers an OperationOutcome).
+        # log_config=None: uvicorn logs through our root handler, whose filter drops
+        # tracebacks (an exception's text may quote request values).
+        http = settings.http
         try:
-            uvicorn.run(app, host=settings.http.host, port=settings.http.port,
-                        log_level="info", access_log=False, http="h11")
+            uvicorn.run(_answered(app), host=http.host, port=http.port, log_level="info",
+                        access_log=False, log_config=None,
+                        http=h11_with_header_timeout(http.request_timeout_seconds),
+                        timeout_keep_alive=5,
+                        limit_concurrency=2 * http.max_concurrent_requests + 16)
         finally:  # also when the port cannot be bound (uvicorn exits)
             children.stop()
             services.close()
@@ -102,6 +118,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{j.id}\t{j.kind}\t{j.subject_id}\tattempts={j.attempts}\t{j.last_error}")
         return 0
     return 2
+
+
+def _no_server_tracebacks(record: logging.LogRecord) -> bool:
+    """uvicorn/starlette records keep their message and the exception's class name, never
+    its traceback or text (they may quote request values: PHI, tokens)."""
+    if record.exc_info and record.name.split(".", 1)[0] in ("uvicorn", "starlette", "fastapi"):
+        exc = record.exc_info[1]
+        record.msg = f"{record.getMessage()} ({type(exc).__name__ if exc else 'error'})"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
+def _answered(app: Any) -> Any:
+    """The ASGI app, with an exception that has already been answered (Starlette's error
+    middleware sends our OperationOutcome, then re-raises for the server to log) stopped
+    here: api.responses has logged it once, without PHI."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message.get("type") == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await app(scope, receive, tracking_send)
+        except Exception:
+            if scope.get("type") != "http" or not started:
+                raise
+
+    return asgi
 
 
 class WorkerProcesses:

@@ -164,11 +164,17 @@ class MediaSettings(Section):
     # refused before decoding, so a small 16-bit PNG cannot take a worker to gigabytes
     max_decoded_bytes: int = 512 * 1024 * 1024
 
-    def limits(self) -> MediaLimits:
+    def limits(self, http: HttpSettings | None = None) -> MediaLimits:
+        """The limits intake and the worker apply; `http` adds the request-shape limits
+        (JSON depth, Bundle entries) that intake's parsers check."""
+        http = http or HttpSettings()
         return MediaLimits(max_pixels=self.max_pixels, min_side=self.min_side,
                            uniform_stddev=self.uniform_stddev, max_pdf_bytes=self.max_pdf_bytes,
                            max_video_bytes=self.max_video_bytes,
-                           max_video_seconds=self.max_video_seconds)
+                           max_video_seconds=self.max_video_seconds,
+                           max_decoded_bytes=self.max_decoded_bytes,
+                           max_json_depth=http.max_json_depth,
+                           max_bundle_entries=http.max_bundle_entries)
 
 
 DEFAULT_DOMAIN = IdentifierDomain(
@@ -271,3 +277,35 @@ def unknown_environment_keys() -> None:
         if top not in Settings.model_fields:
             raise ValueError(f"unknown setting in the environment: {name} "
                              f"(no top-level key {top!r})")
+
+
+def _host_of(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).hostname or "?"
+    except ValueError:
+        return "?"
+
+
+def protections_summary(settings: Settings) -> str:
+    """One line for the start-up log: which protections are on. Names hosts, modes and CIDRs
+    only — never a token, a password, a key or a file's contents."""
+    a, h, m, p = settings.auth, settings.http, settings.mllp, settings.pacs
+    auth = f"on (issuer {_host_of(a.issuer)})" if a.issuer else "off (/fhir: loopback only)"
+    https = "on" if h.tls_cert_file and h.tls_key_file else "off"
+    mllp_tls = "off"
+    if m.tls_cert_file and m.tls_key_file:
+        mllp_tls = "on, client certificates " + ("required" if m.tls_client_ca_file
+                                                 else "not required")
+    peers = (f"{len(m.allowed_peers)} ({', '.join(m.allowed_peers)})" if m.allowed_peers
+             else "any")
+    scheme = p.url.split(":", 1)[0].lower()
+    pacs_tls = {"dicom+tls": "yes", "https": "yes", "file": "n/a (folder)"}.get(scheme, "no")
+    syslog = (settings.audit.syslog_url.split(":", 1)[0].lower() if settings.audit.syslog_url
+              else "off")
+    return (f"protections: auth={auth}; https={https}; "
+            f"mllp_tls={mllp_tls if m.enabled else 'n/a (MLLP off)'}; mllp_allowed_peers={peers}; "
+            f"admin_token={'set' if h.admin_token else 'not set (loopback only)'}; "
+            f"ehr_auth={settings.ehr.auth if settings.ehr.fhir_url else 'n/a (no EHR)'}; "
+            f"pacs_tls={pacs_tls}; audit_syslog={syslog}")

@@ -8,7 +8,6 @@ read returns the raw content with its Content-Type; `Accept: application/fhir+js
 from __future__ import annotations
 
 import base64
-import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from fhirbridge.adapters.blobs import BlobTooLarge
 from fhirbridge.api.deps import services_of
 from fhirbridge.api.responses import fhir_response
+from fhirbridge.fhir.jsonbody import load_json
 from fhirbridge.fhir.media import strict_b64decode
 from fhirbridge.fhir.outcome import FhirError
 from fhirbridge.media.kinds import ACCEPTED_TYPES
@@ -64,7 +64,8 @@ async def create_binary(request: Request) -> Response:
     svc = services_of(request)
     declared = normalize_content_type(request.headers.get("content-type"))
     if declared in _JSON_TYPES:
-        content_type, data = _parse_binary_json(await request.body())
+        content_type, data = _parse_binary_json(await request.body(),
+                                                max_depth=svc.settings.http.max_json_depth)
         _check_accepted(content_type)
         _check_sniffed(content_type, sniff_content_type(data[:SNIFF_BYTES]))
         rel, digest = await svc.run_sync(svc.blobs.put, data)
@@ -176,12 +177,9 @@ async def _sniffed(chunks: AsyncIterator[bytes], declared: str) -> AsyncIterator
         yield head
 
 
-def _parse_binary_json(raw: bytes) -> tuple[str, bytes]:
+def _parse_binary_json(raw: bytes, *, max_depth: int) -> tuple[str, bytes]:
     """A Binary resource (FHIR JSON): (normalised contentType, decoded data)."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise FhirError(400, "structure", "body is not JSON") from None
+    doc = load_json(raw, max_depth=max_depth)
     if not isinstance(doc, dict) or doc.get("resourceType") != "Binary":
         raise FhirError(400, "structure", "expected a FHIR Binary resource", expression="Binary")
     unknown = sorted(k for k in doc if k not in _BINARY_ELEMENTS and not k.startswith("_"))

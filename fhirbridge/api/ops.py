@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,12 +27,72 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+READY_CACHE_SECONDS = 5.0  # /readyz answers from a probe at most this old
+# data_dir needs this much free space to be ready: 64 MiB (an upload of the default
+# http.max_body_bytes), or 1 % of a smaller file system
+DISK_MIN_FREE_BYTES = 64 * 1024 * 1024
+DISK_MIN_FREE_FRACTION = 0.01
+
+
+def disk_has_room(path: Path) -> bool:
+    """Free space (as an unprivileged writer sees it) in the file system holding `path`."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free >= min(DISK_MIN_FREE_BYTES, int(usage.total * DISK_MIN_FREE_FRACTION))
+
+
+class Readiness:
+    """The last probe of every dependency, kept `max_age` seconds: a flood of /readyz calls
+    costs one probe (one C-ECHO association, one EHR request) per period, and only one probe
+    runs at a time; callers meanwhile get the last answer."""
+
+    def __init__(self, probes: dict[str, Callable[[], bool]],
+                 max_age: float = READY_CACHE_SECONDS) -> None:
+        self.probes = probes
+        self.max_age = max_age
+        self._checks: dict[str, bool] | None = None
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    def _probe(self) -> dict[str, bool]:
+        checks = {}
+        for name, probe in self.probes.items():
+            try:
+                checks[name] = bool(probe())
+            except Exception:  # noqa: BLE001 - an unreachable dependency is "not ready"
+                checks[name] = False
+        return checks
+
+    async def checks(self) -> dict[str, bool]:
+        if self._checks is not None and time.monotonic() - self._at < self.max_age:
+            return self._checks
+        if self._lock.locked() and self._checks is not None:
+            return self._checks  # a probe is in flight: the last answer meanwhile
+        async with self._lock:
+            if self._checks is None or time.monotonic() - self._at >= self.max_age:
+                self._checks = await asyncio.to_thread(self._probe)
+                self._at = time.monotonic()
+            return self._checks
+
+
+def _readiness(request: Request) -> Readiness:
+    ready = getattr(request.app.state, "readiness", None)
+    if ready is None:
+        svc = services_of(request)
+        probes: dict[str, Callable[[], bool]] = {
+            "database": svc.db.ping, "pacs": svc.pacs.ping,
+            "disk": lambda: disk_has_room(svc.settings.data_dir)}
+        if svc.ehr is not None:
+            probes["ehr"] = svc.ehr.ping
+        ready = request.app.state.readiness = Readiness(probes)
+    return ready
+
+
 @router.get("/readyz")
-def readyz(request: Request) -> JSONResponse:
-    svc = services_of(request)
-    checks = {"database": svc.db.ping(), "pacs": svc.pacs.ping()}
-    if svc.ehr is not None:
-        checks["ehr"] = svc.ehr.ping()
+async def readyz(request: Request) -> JSONResponse:
+    checks = await _readiness(request).checks()
     ok = all(checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
                         status_code=200 if ok else 503)
@@ -58,7 +124,8 @@ def list_jobs(request: Request, state: str = "failed") -> JSONResponse:
 
 @router.post("/admin/jobs/{job_id}/retry", dependencies=[Depends(require_operator)])
 def retry_job(job_id: int, request: Request) -> JSONResponse:
-    if not services_of(request).queue.retry(job_id):
+    # ids are 64-bit database integers: a larger one names no job (and would overflow the driver)
+    if not 0 < job_id < 2**63 or not services_of(request).queue.retry(job_id):
         raise FhirError(404, "not-found", "no failed job with that id")
     return JSONResponse({"id": job_id, "state": "queued"})
 

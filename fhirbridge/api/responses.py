@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from typing import Any
@@ -42,6 +43,37 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
+        if isinstance(exc, RecursionError):  # a body nested past what a parser can follow
+            return fhir_response(operation_outcome("structure", "the request is nested too "
+                                                   "deeply to be read"), 400)
+        if out_of_space(exc):
+            # RFC 4918 11.5 507 Insufficient Storage: the request was refused, not lost
+            log.error("no space left for a request (%s); nothing was accepted",
+                      type(exc).__name__)
+            return fhir_response(operation_outcome(
+                "transient", "the service has no storage space left; nothing was accepted, "
+                "retry later"), 507, headers={"Retry-After": "60"})
         log.error("unexpected %s while handling a request", type(exc).__name__)
         return fhir_response(operation_outcome("exception", "internal error; nothing was "
                                                "accepted, retry later"), 500)
+
+
+_SQLITE_FULL = 13  # SQLite result code: "database or disk is full"
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """The file system (ENOSPC) or a quota (EDQUOT) is full, directly or under a database
+    error (SQLite SQLITE_FULL / SQLITE_IOERR with ENOSPC, PostgreSQL SQLSTATE 53100)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(cur, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return True
+        if getattr(cur, "sqlstate", None) == "53100":  # PostgreSQL disk_full
+            return True
+        orig = getattr(cur, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's error
+        cur = orig if isinstance(orig, BaseException) else (cur.__cause__ or cur.__context__)
+    return False

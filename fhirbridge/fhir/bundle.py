@@ -8,11 +8,11 @@ A Binary entry is referenced from an attachment `url` by its `fullUrl` (urn:uuid
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from fhirbridge.fhir.documentreference import parse_document_reference_resource
+from fhirbridge.fhir.jsonbody import load_json
 from fhirbridge.fhir.media import parse_media_resource
 from fhirbridge.fhir.outcome import FhirError, operation_outcome
 from fhirbridge.fhir.upload import InboundUpload, strict_b64decode
@@ -40,10 +40,8 @@ class UploadBundle:
 
 def parse_bundle(raw: bytes, *, limits: MediaLimits | None = None,
                  probe_video: Any = None) -> UploadBundle:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise FhirError(400, "structure", "body is not JSON") from None
+    limits = limits or MediaLimits()
+    doc = load_json(raw, max_depth=limits.max_json_depth)
     if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
         raise FhirError(400, "structure", "POST /fhir takes a Bundle")
     kind = doc.get("type")
@@ -53,6 +51,11 @@ def parse_bundle(raw: bytes, *, limits: MediaLimits | None = None,
     raw_entries = doc.get("entry")
     if not isinstance(raw_entries, list) or not raw_entries:
         raise FhirError(422, "required", "the Bundle has no entries", expression="Bundle.entry")
+    if len(raw_entries) > limits.max_bundle_entries:
+        # before any entry is decoded or staged: a 10,000-entry Bundle costs one count
+        raise FhirError(413, "too-long", f"the Bundle has {len(raw_entries)} entries; at most "
+                        f"{limits.max_bundle_entries} are accepted (http.max_bundle_entries)",
+                        expression="Bundle.entry")
     out = UploadBundle(type=kind, entries=[])
     for i, entry in enumerate(raw_entries):
         where = f"Bundle.entry[{i}]"

@@ -9,13 +9,13 @@ said, evidence only), `relatesTo` code `replaces` (this upload supersedes an ear
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from fhir.resources.R4B.documentreference import DocumentReference
 from pydantic import ValidationError
 
+from fhirbridge.fhir.jsonbody import load_json
 from fhirbridge.fhir.outcome import FhirError
 from fhirbridge.fhir.upload import (
     InboundUpload,
@@ -35,10 +35,7 @@ __all__ = ["describe_document_reference", "parse_document_reference",
 
 def parse_document_reference(raw: bytes, *, limits: MediaLimits | None = None,
                              probe_video: Any = None) -> InboundUpload:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise FhirError(400, "structure", "body is not JSON") from None
+    doc = load_json(raw, max_depth=(limits or MediaLimits()).max_json_depth)
     return parse_document_reference_resource(doc, limits=limits, probe_video=probe_video)
 
 

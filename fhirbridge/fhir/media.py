@@ -6,12 +6,12 @@ FHIR R4 Media (4.0.1), Attachment (att-1), Reference (logical reference by ident
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fhir.resources.R4B.media import Media
 from pydantic import ValidationError
 
+from fhirbridge.fhir.jsonbody import load_json
 from fhirbridge.fhir.outcome import FhirError
 from fhirbridge.fhir.upload import (
     InboundMedia,
@@ -39,10 +39,7 @@ _EVENT_STATUS = ("preparation", "in-progress", "not-done", "on-hold", "stopped",
 
 def parse_media(raw: bytes, *, limits: MediaLimits | None = None,
                 probe_video: Any = None) -> InboundUpload:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise FhirError(400, "structure", "body is not JSON") from None
+    doc = load_json(raw, max_depth=(limits or MediaLimits()).max_json_depth)
     return parse_media_resource(doc, limits=limits, probe_video=probe_video)
 
 

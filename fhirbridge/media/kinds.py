@@ -41,7 +41,8 @@ def kind_of(content_type: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class MediaLimits:
-    """Quality and size limits, from [media] in the configuration."""
+    """Quality and size limits that intake and the worker apply, from [media] (and the
+    request-shape limits of [http]) in the configuration."""
 
     max_pixels: int = 89_478_485
     min_side: int = 0
@@ -49,3 +50,7 @@ class MediaLimits:
     max_video_bytes: int = 512 * 1024 * 1024
     max_video_seconds: float = 600.0
     max_pdf_bytes: int = 64 * 1024 * 1024
+    # width x height x bands x bytes per sample, from the header, before any decode
+    max_decoded_bytes: int = 512 * 1024 * 1024
+    max_json_depth: int = 64  # http.max_json_depth: request JSON nested deeper is a 400
+    max_bundle_entries: int = 100  # http.max_bundle_entries: a longer Bundle is a 413

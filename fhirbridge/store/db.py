@@ -17,6 +17,9 @@ from fhirbridge.store.models import Base
 
 
 class Database:
+    # Every engine has hide_parameters=True: a statement error's message (logged, or raised
+    # into a handler) names the statement but never the bound values (names, identifiers).
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
@@ -25,24 +28,28 @@ class Database:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": 30}
+                url, connect_args={"check_same_thread": False, "timeout": 30},
+                hide_parameters=True,
             )
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
             # A second pool for steps that may be redone (below): commits without fsync.
             self._relaxed_engine: Engine = create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": 30}
+                url, connect_args={"check_same_thread": False, "timeout": 30},
+                hide_parameters=True,
             )
             event.listen(self._relaxed_engine, "connect", _sqlite_on_connect_relaxed)
             event.listen(self._relaxed_engine, "begin", _sqlite_on_begin)
             # Reads: a deferred BEGIN (a WAL snapshot) never takes or waits for the write lock.
             self._read_engine: Engine = create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": 30}
+                url, connect_args={"check_same_thread": False, "timeout": 30},
+                hide_parameters=True,
             )
             event.listen(self._read_engine, "connect", _sqlite_on_connect)
             event.listen(self._read_engine, "begin", _sqlite_on_begin_read)
         else:
-            self.engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+            self.engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True,
+                                        hide_parameters=True)
             self._relaxed_engine = self.engine
             self._read_engine = self.engine
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
