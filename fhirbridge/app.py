@@ -22,6 +22,7 @@ from fhirbridge.adapters.attachments import AttachmentFetcher
 from fhirbridge.adapters.blobs import BlobStore
 from fhirbridge.adapters.ehr import FhirEhr
 from fhirbridge.adapters.pacs import Pacs, open_pacs
+from fhirbridge.audit import AuditRecorder, open_recorder
 from fhirbridge.config import Settings
 from fhirbridge.media.video import probe_video
 from fhirbridge.pipeline.corrections import RECONCILE_JOB, reconcile
@@ -59,6 +60,7 @@ class Services:
     pipeline: Pipeline
     index: PatientIndex
     metrics: Metrics = field(default_factory=Metrics)
+    audit: AuditRecorder | None = None  # AuditEvent rows (+ syslog copy), IHE BALP
 
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """CPU or blocking work off the event loop."""
@@ -89,6 +91,8 @@ class Services:
         self.pacs.close()
         if self.ehr is not None:
             self.ehr.close()
+        if self.audit is not None:
+            self.audit.close()
         self.db.dispose()
 
 
@@ -125,6 +129,7 @@ def build_services(settings: Settings) -> Services:
     pipeline.handlers[RECONCILE_JOB] = partial(reconcile, pipeline)
     pipeline.handlers[EHR_RECHECK_JOB] = partial(recheck, pipeline)
     services = Services(settings, db, queue, blobs, pacs, ehr, pipeline, index)
+    services.audit = open_recorder(db, settings)
     services_ref.append(services)
     return services
 
@@ -202,6 +207,15 @@ def create_app(services: Services, *, workers: int | None = None,
     app.include_router(binary.router)
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.http.max_body_bytes,
                        raw_limits=binary.raw_limits(services.settings.media.max_binary_bytes))
+    from fhirbridge.api import auditevent
+    from fhirbridge.audit.middleware import AuditMiddleware
+    from fhirbridge.audit.recorder import subject_of
+
+    app.include_router(auditevent.router)
+    if services.audit is not None:  # outside BodySizeLimit: a 413 is audited too
+        app.add_middleware(AuditMiddleware, recorder=services.audit,
+                           admin_token=services.settings.http.admin_token,
+                           lookup_patient=partial(subject_of, services.db))
     # added last = outermost: a request over the cap is refused before anything else runs
     app.add_middleware(RequestTimeout, seconds=services.settings.http.request_timeout_seconds)
     app.add_middleware(ConcurrencyLimit,
@@ -216,7 +230,8 @@ async def start_mllp(services: Services) -> Any:
     from fhirbridge.hl7 import MLLPServer
     from fhirbridge.pipeline.adt_feed import AdtFeed, GroupCommitter
 
-    feed = AdtFeed(services.db, services.index, services.settings.identifier_domains)
+    feed = AdtFeed(services.db, services.index, services.settings.identifier_domains,
+                   audit=services.audit)
     writer = GroupCommitter(feed, max_batch=64).start()
     m = services.settings.mllp
     server = MLLPServer(writer.submit, max_message_bytes=m.max_message_bytes,

@@ -210,8 +210,8 @@ class MLLPServer:
             log.warning("MLLP connection from %s refused: %d connections open "
                         "(mllp.max_connections)", peer, len(self._connections))
         if reason:
-            sock.close()
             self.refused[reason] += 1
+            sock.close()
             if self.on_refused is not None:
                 try:
                     self.on_refused(reason)

@@ -220,3 +220,22 @@ class BinaryRecord(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEventRecord(Base):
+    """One FHIR R4 AuditEvent (IHE BALP): the columns searched at `GET /fhir/AuditEvent`,
+    and the resource as recorded. Rows are only ever inserted."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # uuid4 hex
+    recorded: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    type: Mapped[str] = mapped_column(String(32))  # "rest" | DICOM 1101xx
+    subtype: Mapped[str] = mapped_column(String(32), default="")  # create | read | search-type…
+    action: Mapped[str] = mapped_column(String(1))  # C R U D E
+    outcome: Mapped[str] = mapped_column(String(2))  # 0 | 4 | 8 | 12
+    agent_who: Mapped[str] = mapped_column(String(256), index=True)  # sub, peer, operator
+    agent_alt: Mapped[str] = mapped_column(String(256), default="")  # client_id, sender
+    patient_ref: Mapped[str] = mapped_column(String(256), default="", index=True)
+    entity_ref: Mapped[str] = mapped_column(String(256), default="", index=True)
+    resource_json: Mapped[str] = mapped_column(Text)
