@@ -1,4 +1,7 @@
-"""The review queue's JSON API: `GET /review`, `POST /review/{task_id}` (confirm / reject)."""
+"""The review queue's JSON API: `GET /review`, `POST /review/{task_id}` (confirm / reject).
+
+The reviewer recorded with a decision is the identity the credential proves (token `sub`,
+"admin-token", "loopback@addr"); a `reviewer` still sent in the body is ignored."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from fhirbridge.api.deps import require_operator, services_of
+from fhirbridge.audit.middleware import agent_of
 from fhirbridge.fhir.outcome import FhirError
 from fhirbridge.pipeline.review import ReviewError, decide, decisions_for, list_held
 
@@ -17,7 +21,8 @@ router = APIRouter(dependencies=[Depends(require_operator)])
 
 class Decision(BaseModel):
     decision: str  # confirm | reject
-    reviewer: str
+    # no `reviewer`: who decided comes from the credential; old clients that still send one
+    # are not refused (pydantic ignores unknown fields) and the value is never stored
     patient: str = ""  # Patient/{id} or index:{key}, for confirm
     comment: str = ""
 
@@ -32,9 +37,17 @@ def held(request: Request) -> list[dict[str, Any]]:
 
 @router.post("/review/{task_id}")
 def review(task_id: str, body: Decision, request: Request) -> JSONResponse:
+    svc = services_of(request)
+    agent = agent_of(request.scope, 200, svc.settings.http.admin_token)
+    # the request's own AuditEvent (middleware) names the Task and the confirmed patient
+    noted = getattr(request.state, "audit_entities", None) or []
+    request.state.audit_entities = noted
+    noted.append((f"Task/{task_id}", body.patient if body.patient.startswith("Patient/")
+                  else ""))
     try:
-        rec = decide(services_of(request).db, task_id, decision=body.decision,
-                     reviewer=body.reviewer, patient_ref=body.patient, comment=body.comment)
+        rec = decide(svc.db, task_id, decision=body.decision, reviewer=agent.who,
+                     patient_ref=body.patient, comment=body.comment, audit=svc.audit,
+                     agent=agent)
     except ReviewError as exc:
         raise FhirError(exc.status, "invalid" if exc.status == 400 else
                         ("not-found" if exc.status == 404 else "conflict"), exc.text) from None

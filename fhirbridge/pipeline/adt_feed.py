@@ -27,6 +27,7 @@ from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fhirbridge.audit import Agent, AuditRecorder, AuditRow, adt_event
 from fhirbridge.config import IdentifierDomain
 from fhirbridge.hl7 import (
     CX,
@@ -74,12 +75,15 @@ def _seen(conn: Connection, sender: str, control_id: str) -> AckDecision | None:
 
 class AdtFeed:
     def __init__(self, db: Database, index: PatientIndex, domains: list[IdentifierDomain],
-                 on_applied: Callable[[str], None] | None = None) -> None:
+                 on_applied: Callable[[str], None] | None = None,
+                 audit: AuditRecorder | None = None) -> None:
         self.db = db
         self.index = index
         self.domains = domains
         self.on_applied = on_applied
+        self.audit = audit  # an AuditEvent per applied change, in the same transaction
         self._held = threading.local()
+        self._audit = threading.local()  # this transaction's AuditEvent rows (.rows)
 
     def identifier(self, cx: CX) -> Identifier | None:
         for d in self.domains:
@@ -114,11 +118,13 @@ class AdtFeed:
         commits. Exceptions propagate (the listener answers AE 207)."""
         ev = parsed.event
         sender = f"{ev.sending_application}|{ev.sending_facility}"
+        self._audit.rows = []
         try:
             with self._transaction() as conn:
-                decision, applied = self._apply_one(conn, ev, sender)
+                decision, applied = self._apply_one(conn, ev, sender, parsed.peer)
                 if decision.code != "AA" and applied is None:
                     raise _Refused(decision)  # roll back whatever was half done
+                self._insert_audit(conn)
         except _Refused as exc:
             return exc.decision
         except IntegrityError:  # the same control id committed concurrently: answer as it did
@@ -127,6 +133,7 @@ class AdtFeed:
             if seen is None:
                 raise
             return seen
+        self._forward_audit()
         if applied and self.on_applied is not None:
             self.on_applied(ev.event_type)
         return decision
@@ -183,6 +190,7 @@ class AdtFeed:
                ) -> tuple[list[AckDecision | Exception], list[str]]:
         results: list[AckDecision | Exception] = []
         applied_types: list[str] = []
+        self._audit.rows = []
         with self._transaction() as conn:
             for parsed in batch:
                 ev = parsed.event
@@ -190,7 +198,7 @@ class AdtFeed:
                 if savepoints or not isinstance(ev, (PatientUpsert, OtherEvent)):
                     sp = conn.begin_nested()
                     try:
-                        decision, applied = self._apply_one(conn, ev, sender)
+                        decision, applied = self._apply_one(conn, ev, sender, parsed.peer)
                     except IntegrityError as exc:
                         sp.rollback()
                         seen = _seen(conn, sender, ev.message_control_id)
@@ -210,13 +218,47 @@ class AdtFeed:
                 else:
                     try:
                         # PatientIndex.upsert returns AE before it writes anything
-                        decision, applied = self._apply_one(conn, ev, sender)
+                        decision, applied = self._apply_one(conn, ev, sender, parsed.peer)
                     except Exception as exc:
                         raise _Redo() from exc  # rolls the whole transaction back
                 if applied:
                     applied_types.append(ev.event_type)
                 results.append(decision)
+            self._insert_audit(conn)  # one multi-row INSERT for the batch, before COMMIT
+        self._forward_audit()
         return results, applied_types
+
+    def _insert_audit(self, conn: Connection) -> None:
+        rows: list[AuditRow] = getattr(self._audit, "rows", [])
+        if rows and self.audit is not None:
+            self.audit.insert(conn, rows)
+
+    def _forward_audit(self) -> None:
+        """After the commit: the syslog copy of this transaction's AuditEvents."""
+        rows: list[AuditRow] = getattr(self._audit, "rows", [])
+        self._audit.rows = []
+        if rows and self.audit is not None:
+            self.audit.forward(rows)
+
+    def _audit_row(self, ev: AdtEvent, peer: str) -> AuditRow | None:
+        """The AuditEvent of an applied patient change (ITI-8 style): agent = the sending
+        application|facility (MSH-3|MSH-4) and the MLLP peer; entity = the patient (its
+        first identifier in a configured domain) and the message (MSH-10)."""
+        if self.audit is None:
+            return None
+        if isinstance(ev, PatientMerge):
+            cxs = ev.merges[0].surviving.identifiers if ev.merges else ()
+        elif isinstance(ev, (PatientUpsert, IdentifierChange)):
+            cxs = ev.patient.identifiers
+        else:
+            return None
+        ids = self.identifiers(cxs)
+        address = peer.split(" ", 1)[0].rsplit(":", 1)[0].strip("[]") if peer else ""
+        return adt_event(event_type=ev.event_type, control_id=ev.message_control_id,
+                         patient=(ids[0].system, ids[0].value) if ids else None,
+                         agent=Agent(f"{ev.sending_application}|{ev.sending_facility}", peer,
+                                     address, "mllp"),
+                         source_id=self.audit.source_id)
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -256,7 +298,7 @@ class AdtFeed:
                 with contextlib.suppress(Exception):
                     conn.close()
 
-    def _apply_one(self, conn: Connection, ev: AdtEvent, sender: str
+    def _apply_one(self, conn: Connection, ev: AdtEvent, sender: str, peer: str = ""
                    ) -> tuple[AckDecision, bool | None]:
         """Inside the caller's transaction (or savepoint). Returns the answer and whether
         the message was applied now (True), was a repeat (False) or is refused (None: the
@@ -275,6 +317,10 @@ class AdtFeed:
             with _orm(conn) as s:
                 for old, new, reason in outcome.corrections:
                     enqueue_correction(s, old, new, f"ADT {reason}")
+        if outcome.applied and self.audit is not None:  # last: nothing after it can fail
+            row = self._audit_row(ev, peer)
+            if row is not None:
+                self._audit.rows.append(row)
         return AckDecision.accept(), True
 
     def _apply_event(self, conn: Connection, ev: object) -> IndexOutcome:

@@ -1,6 +1,7 @@
 """The review queue: uploads held because identity was doubtful, and a person's decision —
 confirm a patient (the pipeline continues with that patient) or reject. Every decision is
-recorded with who and when.
+recorded with who and when — the reviewer is the credential's identity, and the decision's
+AuditEvent (IHE BALP Update of the Task) is written in the same transaction.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from fhirbridge.audit import Agent, AuditRecorder, review_event
 from fhirbridge.identity.model import review_summary
 from fhirbridge.pipeline.intake import UPLOAD_JOB
 from fhirbridge.pipeline.process import describe_upload
@@ -60,7 +62,10 @@ def list_held(db: Database) -> list[HeldItem]:
 
 
 def decide(db: Database, task_id: str, *, decision: str, reviewer: str, patient_ref: str = "",
-           comment: str = "") -> ReviewDecision:
+           comment: str = "", audit: AuditRecorder | None = None,
+           agent: Agent | None = None) -> ReviewDecision:
+    """`reviewer` is who the credential proves the caller is (never a value from the
+    request body); `agent` the same identity for the AuditEvent (address, client)."""
     if decision not in ("confirm", "reject"):
         raise ReviewError(400, "decision must be confirm or reject")
     if not reviewer.strip():
@@ -85,6 +90,14 @@ def decide(db: Database, task_id: str, *, decision: str, reviewer: str, patient_
         else:
             task.status, task.reason_code, task.reason_text = (
                 "failed", "rejected-by-reviewer", "rejected by a reviewer")
+        row = None
+        if audit is not None:
+            row = review_event(task_id=task_id, decision=decision, patient_ref=patient_ref,
+                               agent=agent or Agent(record.reviewer),
+                               source_id=audit.source_id)
+            audit.insert(s, [row])
+    if audit is not None and row is not None:
+        audit.forward([row])
     return record
 
 
