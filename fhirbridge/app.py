@@ -22,6 +22,7 @@ from fhirbridge.adapters.attachments import AttachmentFetcher
 from fhirbridge.adapters.blobs import BlobStore
 from fhirbridge.adapters.ehr import FhirEhr
 from fhirbridge.adapters.pacs import Pacs, open_pacs
+from fhirbridge.api.auth import TokenVerifier
 from fhirbridge.audit import AuditRecorder, open_recorder
 from fhirbridge.config import Settings
 from fhirbridge.media.video import probe_video
@@ -60,6 +61,7 @@ class Services:
     pipeline: Pipeline
     index: PatientIndex
     metrics: Metrics = field(default_factory=Metrics)
+    verifier: TokenVerifier | None = None  # inbound bearer JWTs ([auth]); None = loopback only
     audit: AuditRecorder | None = None  # AuditEvent rows (+ syslog copy), IHE BALP
 
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
@@ -129,6 +131,7 @@ def build_services(settings: Settings) -> Services:
     pipeline.handlers[RECONCILE_JOB] = partial(reconcile, pipeline)
     pipeline.handlers[EHR_RECHECK_JOB] = partial(recheck, pipeline)
     services = Services(settings, db, queue, blobs, pacs, ehr, pipeline, index)
+    services.verifier = TokenVerifier.from_settings(settings)  # keys cached for the process
     services.audit = open_recorder(db, settings)
     services_ref.append(services)
     return services
@@ -201,6 +204,10 @@ def create_app(services: Services, *, workers: int | None = None,
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.services = services
     install_error_handlers(app)
+    from fhirbridge.api import auth  # AuthError answers + /fhir/.well-known/smart-configuration
+
+    auth.install_auth_errors(app)
+    app.include_router(auth.router)
     for module in (uploads, task, imagingstudy, review, ops):
         app.include_router(module.router)
     from fhirbridge.api import binary  # POST/GET /fhir/Binary: raw bytes, own size limit

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
 from starlette.routing import BaseRoute, Route
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
-from fhirbridge.api.ops import metadata
 from fhirbridge.app import build_services, create_app
 from fhirbridge.config import load_settings
 from fhirbridge.fhir.capability import capability_statement
 
 PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "CapabilityStatement.json"
 # FHIR paths that are not resource interactions
-NON_RESOURCE = {"/fhir/metadata"}
+NON_RESOURCE = {"/fhir/metadata", "/fhir/.well-known/smart-configuration"}
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +83,15 @@ def test_profile_file_is_the_capability_statement():
     assert PROFILE.read_text(encoding="utf-8").rstrip("\n") == expected_text
 
 
-def test_metadata_endpoint_serves_it():
-    response = metadata()
+def test_metadata_endpoint_serves_it(app: FastAPI):
+    """Without [auth], /fhir/metadata is the published profile (no oauth-uris extension)."""
+    with TestClient(app) as client:
+        response = client.get("/fhir/metadata")
     assert response.status_code == 200
-    assert response.media_type == "application/fhir+json"
-    assert json.loads(response.body) == json.loads(PROFILE.read_text(encoding="utf-8"))
+    assert response.headers["content-type"] == "application/fhir+json"
+    assert response.json() == json.loads(PROFILE.read_text(encoding="utf-8"))
+    security = response.json()["rest"][0]["security"]
+    assert security["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
 
 
 def test_metadata_route_is_registered(app: FastAPI):

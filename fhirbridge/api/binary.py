@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from starlette.requests import ClientDisconnect
 
 from fhirbridge.adapters.blobs import BlobTooLarge
+from fhirbridge.api.auth import Caller, note_audit, require_scope
 from fhirbridge.api.deps import services_of
 from fhirbridge.api.responses import fhir_response
 from fhirbridge.fhir.jsonbody import load_json
@@ -60,7 +61,8 @@ def find_binary(db: Database, binary_id: str) -> BinaryRecord | None:
 
 
 @router.post(PATH)
-async def create_binary(request: Request) -> Response:
+async def create_binary(request: Request,
+                        caller: Caller = Depends(require_scope("Binary", "c"))) -> Response:
     svc = services_of(request)
     declared = normalize_content_type(request.headers.get("content-type"))
     if declared in _JSON_TYPES:
@@ -84,19 +86,24 @@ async def create_binary(request: Request) -> Response:
             raise FhirError(400, "incomplete",
                             "the client went away before the body ended") from None
     record = BinaryRecord(id=uuid.uuid4().hex, content_type=content_type, blob_path=rel,
-                          sha256=digest, size=size)
+                          sha256=digest, size=size, bound_patient=caller.bound_patient)
     await svc.run_sync(_insert, svc.db, record)
+    note_audit(request, f"Binary/{record.id}", caller.bound_patient)
     base = svc.settings.fhir_base_url
     return fhir_response(_resource(record), 201, headers={
         "Location": f"{base}/Binary/{record.id}", "ETag": 'W/"1"'})
 
 
 @router.get(PATH + "/{binary_id}")
-async def read_binary(binary_id: str, request: Request) -> Response:
+async def read_binary(binary_id: str, request: Request,
+                      caller: Caller = Depends(require_scope("Binary", "r"))) -> Response:
     svc = services_of(request)
     record = await svc.run_sync(find_binary, svc.db, binary_id)
+    if record is not None and caller.patient and record.bound_patient != caller.bound_patient:
+        record = None  # not posted with this patient's token: as if it did not exist
     if record is None:
         raise FhirError(404, "not-found", "no such Binary")
+    note_audit(request, f"Binary/{record.id}", record.bound_patient)
     if _wants_fhir(request):
         resource = _resource(record)
         if record.size <= INLINE_DATA_MAX:

@@ -108,8 +108,12 @@ def metrics(request: Request) -> Response:
 
 
 @router.get("/fhir/metadata")
-def metadata() -> Response:
-    return fhir_response(capability_statement())
+def metadata(request: Request) -> Response:
+    """Open to all (no token): with [auth], rest.security carries the OAuth endpoints."""
+    from fhirbridge.api.auth import oauth_uris
+
+    verifier = services_of(request).verifier
+    return fhir_response(capability_statement(oauth_uris(verifier) if verifier else None))
 
 
 @router.get("/admin/jobs", dependencies=[Depends(require_operator)])

@@ -4,12 +4,24 @@ and `POST /fhir` with a transaction or batch Bundle of them (one Bundle = one st
 from __future__ import annotations
 
 import json
+import re
 from functools import partial
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from sqlalchemy import exists, select
 
+from fhirbridge.adapters.ehr import EhrUnavailable
+from fhirbridge.api.auth import (
+    Caller,
+    authenticate,
+    authorize,
+    note_audit,
+    require_scope,
+    unavailable,
+)
+from fhirbridge.api.binary import find_binary
 from fhirbridge.api.deps import services_of
 from fhirbridge.api.responses import fhir_response
 from fhirbridge.fhir.bundle import BinaryEntry, parse_bundle, response_bundle
@@ -17,11 +29,21 @@ from fhirbridge.fhir.documentreference import parse_document_reference
 from fhirbridge.fhir.media import parse_media
 from fhirbridge.fhir.outcome import FhirError
 from fhirbridge.fhir.upload import InboundUpload
-from fhirbridge.pipeline.intake import Accepted, StagedBlob, accept_bundle, accept_upload, stage
-from fhirbridge.store.models import Submission
+from fhirbridge.pipeline.intake import (
+    Accepted,
+    IntakeContext,
+    StagedBlob,
+    accept_bundle,
+    accept_upload,
+    check_bound_patient,
+    stage,
+)
+from fhirbridge.store.db import Database
+from fhirbridge.store.models import StoredInstance, Submission
 
 router = APIRouter()
 _PARSERS = {"Media": parse_media, "DocumentReference": parse_document_reference}
+_PATIENT_REF = re.compile(r"(?:^|/)(Patient/[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 
 
 async def _body(request: Request) -> bytes:
@@ -49,13 +71,53 @@ def _location(request: Request, accepted: Accepted) -> str:
     return f"{base}/{accepted.resource_type}/{accepted.resource_id}/_history/1"
 
 
-async def _create(request: Request, resource_type: str) -> Response:
+async def _check_bound(request: Request, caller: Caller, uploads: list[InboundUpload]) -> None:
+    """A patient-bound token: every upload must be about its patient (403, nothing staged)."""
+    if not caller.patient:
+        return
+    svc = services_of(request)
+    ehr_base = svc.ehr.base if svc.ehr is not None else ""
+    for inbound in uploads:
+        try:
+            await svc.run_sync(check_bound_patient, inbound, caller.bound_patient,
+                               svc.pipeline.resolver, ehr_base)
+        except EhrUnavailable:
+            raise unavailable("the EHR cannot confirm the upload's patient now; nothing was "
+                              "accepted, retry later") from None
+
+
+def _bind(request: Request, ctx: IntakeContext, caller: Caller) -> None:
+    """Intake for a patient-bound token: recorded on the submission, and an attachment may
+    name only a Binary posted with the same patient's token (others look unknown)."""
+    if not caller.patient:
+        return
+    db, bound = services_of(request).db, caller.bound_patient
+
+    def own_binary(binary_id: str) -> StagedBlob | None:
+        rec = find_binary(db, binary_id)
+        if rec is None or rec.bound_patient != bound:
+            return None
+        return StagedBlob(rec.blob_path, rec.sha256, rec.size, rec.content_type)
+
+    ctx.bound_patient = bound
+    ctx.local_binary = own_binary
+
+
+def _audit_patient(inbound: InboundUpload, caller: Caller) -> str:
+    return caller.bound_patient or inbound.claim.reference or ""
+
+
+async def _create(request: Request, resource_type: str, caller: Caller) -> Response:
     svc = services_of(request)
     body = await _body(request)
     ctx = svc.intake_context()
     inbound = await svc.run_sync(partial(_PARSERS[resource_type], limits=ctx.limits,
                                          probe_video=ctx.probe_video), body)
+    await _check_bound(request, caller, [inbound])
+    _bind(request, ctx, caller)
     accepted = await svc.run_sync(accept_upload, svc.db, ctx, inbound)
+    note_audit(request, f"{resource_type}/{accepted.resource_id}",
+               _audit_patient(inbound, caller))
     svc.metrics.uploads_accepted.inc()
     return fhir_response(_created(inbound, accepted), 201, headers={
         "Location": _location(request, accepted),
@@ -64,23 +126,41 @@ async def _create(request: Request, resource_type: str) -> Response:
 
 
 @router.post("/fhir/Media")
-async def create_media(request: Request) -> Response:
-    return await _create(request, "Media")
+async def create_media(request: Request,
+                       caller: Caller = Depends(require_scope("Media", "c"))) -> Response:
+    return await _create(request, "Media", caller)
 
 
 @router.post("/fhir/DocumentReference")
-async def create_document_reference(request: Request) -> Response:
-    return await _create(request, "DocumentReference")
+async def create_document_reference(
+        request: Request,
+        caller: Caller = Depends(require_scope("DocumentReference", "c"))) -> Response:
+    return await _create(request, "DocumentReference", caller)
+
+
+def _bundle_caller(caller: Caller, entries: list[Any]) -> Caller:
+    """A Bundle needs the create scope of every entry's type; it is patient-bound when any
+    entry is allowed through patient/ scopes only (SMART App Launch 2.0 3.5)."""
+    types = {"Binary" if isinstance(e, BinaryEntry) else e.resource_type
+             for e in entries if not isinstance(e, FhirError)}
+    effective = [authorize(caller, t, "c") for t in sorted(types)]
+    return next((c for c in effective if c.patient), effective[0] if effective else caller)
 
 
 @router.post("/fhir")
-async def transaction(request: Request) -> Response:
+async def transaction(request: Request, caller: Caller = Depends(authenticate)) -> Response:
     """A transaction (all or nothing) or batch Bundle of uploads for one patient."""
     svc = services_of(request)
     body = await _body(request)
     ctx = svc.intake_context()
     bundle = await svc.run_sync(partial(parse_bundle, limits=ctx.limits,
                                         probe_video=ctx.probe_video), body)
+    # scopes and the patient binding are checked before any entry is staged
+    caller = _bundle_caller(caller, bundle.entries)
+    request.state.caller = caller
+    await _check_bound(request, caller,
+                       [e for e in bundle.entries if isinstance(e, InboundUpload)])
+    _bind(request, ctx, caller)
     for entry in bundle.entries:
         if isinstance(entry, BinaryEntry):
             rel, digest = await svc.run_sync(svc.blobs.put, entry.data)
@@ -112,6 +192,8 @@ async def transaction(request: Request) -> Response:
             results.append(entry.extra["error"])
         else:
             a = by_upload[id(entry)]
+            note_audit(request, f"{a.resource_type}/{a.resource_id}",
+                       _audit_patient(entry, caller))
             svc.metrics.uploads_accepted.inc()
             results.append({"status": "201 Created", "location": _location(request, a),
                             "etag": 'W/"1"', "outcome": {
@@ -122,21 +204,52 @@ async def transaction(request: Request) -> Response:
 
 
 @router.get("/fhir/Media/{resource_id}")
-def read_media(resource_id: str, request: Request) -> Response:
-    return _read(request, "Media", resource_id)
+def read_media(resource_id: str, request: Request,
+               caller: Caller = Depends(require_scope("Media", "r"))) -> Response:
+    return _read(request, "Media", resource_id, caller)
 
 
 @router.get("/fhir/DocumentReference/{resource_id}")
-def read_document_reference(resource_id: str, request: Request) -> Response:
-    return _read(request, "DocumentReference", resource_id)
+def read_document_reference(
+        resource_id: str, request: Request,
+        caller: Caller = Depends(require_scope("DocumentReference", "r"))) -> Response:
+    return _read(request, "DocumentReference", resource_id, caller)
 
 
-def _read(request: Request, resource_type: str, resource_id: str) -> Response:
+def submission_of_patient(bound: str) -> Any:
+    """SQL condition: the submission is that patient's — uploaded with their patient-bound
+    token, or stored (after identity matching) under them."""
+    stored = exists().where(StoredInstance.submission_id == Submission.id,
+                            StoredInstance.patient_ref == bound)
+    return (Submission.bound_patient == bound) | stored
+
+
+def submission_patient(db: Database, sub: Submission) -> str:
+    """The patient an upload is about, for the audit record: bound, stored, else claimed."""
+    if sub.bound_patient:
+        return sub.bound_patient
+    with db.session() as s:
+        ref = s.scalar(select(StoredInstance.patient_ref)
+                       .where(StoredInstance.submission_id == sub.id).limit(1))
+    if ref:
+        return str(ref)
+    subject = json.loads(sub.resource_json).get("subject") or {}
+    ref = subject.get("reference", "") if isinstance(subject, dict) else ""
+    m = _PATIENT_REF.search(ref) if isinstance(ref, str) else None
+    return m.group(1) if m else ""
+
+
+def _read(request: Request, resource_type: str, resource_id: str, caller: Caller) -> Response:
     svc = services_of(request)
     with svc.db.session() as s:
         sub = s.get(Submission, resource_id)
+        if sub is not None and caller.patient and not s.scalar(
+                select(exists().where(Submission.id == sub.id,
+                                      submission_of_patient(caller.bound_patient)))):
+            sub = None  # another patient's upload: as if it did not exist
     if sub is None or sub.resource_type != resource_type:
         raise FhirError(404, "not-found", f"no such {resource_type}")
+    note_audit(request, f"{resource_type}/{sub.id}", submission_patient(svc.db, sub))
     resource = json.loads(sub.resource_json)
     if sub.superseded_by and resource_type == "DocumentReference":
         resource["status"] = "superseded"

@@ -59,6 +59,42 @@ class IntakeContext:
     probe_video: Callable[[Any], Any] | None = None  # bytes or Path → raises MediaError
     bundle_blobs: dict[str, StagedBlob] = field(default_factory=dict)  # fullUrl → blob
     own_base: str = ""  # our public FHIR base: {own_base}/Binary/{id} is ours
+    # a patient-bound token (SMART patient/ scopes) made the request: that `Patient/{id}`,
+    # recorded on the submission; `check_bound_patient` ran before anything was staged
+    bound_patient: str = ""
+
+
+def same_patient(ref: str, bound: str) -> bool:
+    """A resolved patient ref (`Patient/{id}`, or `index:{key}` with no EHR) is the bound one."""
+    return bool(bound) and (ref == bound or ref == "index:" + bound.removeprefix("Patient/"))
+
+
+def check_bound_patient(inbound: InboundUpload, bound: str, resolver: Any,
+                        ehr_base: str = "") -> None:
+    """SMART patient-bound token (`patient/...` scopes + `patient` claim = `bound`): the
+    upload must be about that patient, or 403 before anything is staged. A reference must be
+    `Patient/{id}` (relative, or absolute under the EHR base); an identifier must resolve by
+    identity matching (EHR search, then the ADT index) to exactly that patient.
+    `resolver`: fhirbridge.pipeline.patient.PatientResolver. EhrUnavailable propagates."""
+    from fhirbridge.identity.model import SubjectClaim
+    from fhirbridge.identity.policy import Matched
+
+    refused = FhirError(403, "forbidden", "the token is limited to one patient and this "
+                        "upload names another (or one that cannot be confirmed)",
+                        expression=f"{inbound.resource_type}.subject")
+    claim = inbound.claim
+    if claim.reference:
+        subject = inbound.resource.get("subject")
+        raw = subject.get("reference", "") if isinstance(subject, dict) else ""
+        if "://" in str(raw) and not (ehr_base and str(raw).startswith(ehr_base.rstrip("/")
+                                                                        + "/")):
+            raise refused  # an absolute reference to a server that is not the EHR
+        if claim.reference != bound:
+            raise refused
+    if claim.identifier:
+        verdict = resolver.resolve(SubjectClaim(identifier=claim.identifier), None)
+        if not (isinstance(verdict, Matched) and same_patient(verdict.patient.ref, bound)):
+            raise refused
 
 
 def idempotency_key(inbound: InboundUpload, content_ids: Sequence[str]) -> str:
@@ -162,7 +198,8 @@ def accept_upload(db: Database, ctx: IntakeContext, inbound: InboundUpload) -> A
     """One Media or DocumentReference: staged, then recorded with its Task and job."""
     staged = stage(inbound, ctx)
     with db.transaction() as s:
-        return _record(s, inbound, staged, study_key=None, counters={})
+        return _record(s, inbound, staged, study_key=None, counters={},
+                       bound_patient=ctx.bound_patient)
 
 
 def accept_bundle(db: Database, ctx: IntakeContext, uploads: list[InboundUpload], *,
@@ -174,8 +211,8 @@ def accept_bundle(db: Database, ctx: IntakeContext, uploads: list[InboundUpload]
     study_key = hashlib.sha256(json.dumps(sorted(keys)).encode()).hexdigest()
     counters: dict[str, int] = {}
     with db.transaction() as s:
-        return [_record(s, u, st, study_key=study_key, counters=counters)
-                for u, st in zip(uploads, staged)]
+        return [_record(s, u, st, study_key=study_key, counters=counters,
+                        bound_patient=ctx.bound_patient) for u, st in zip(uploads, staged)]
 
 
 def _content_ids(staged: list[dict[str, Any]]) -> list[str]:
@@ -183,7 +220,7 @@ def _content_ids(staged: list[dict[str, Any]]) -> list[str]:
 
 
 def _record(s: Session, inbound: InboundUpload, staged: list[dict[str, Any]],
-            study_key: str | None, counters: dict[str, int]) -> Accepted:
+            study_key: str | None, counters: dict[str, int], bound_patient: str = "") -> Accepted:
     key = idempotency_key(inbound, _content_ids(staged))
     for a in staged:
         counters[a["kind"]] = counters.get(a["kind"], 0) + 1
@@ -213,6 +250,7 @@ def _record(s: Session, inbound: InboundUpload, staged: list[dict[str, Any]],
         study_key=study_key,
         attachments_json=json.dumps(staged),
         replaces_id=replaced.id if replaced is not None else "",
+        bound_patient=bound_patient,
     ))
     s.flush()
     s.add(Task(id=task_id, submission_id=resource_id,

@@ -50,7 +50,7 @@ from fhirbridge.media.kinds import (
     kind_of,
 )
 from fhirbridge.media.sniff import content_type_matches, sniff_content_type
-from fhirbridge.pipeline.intake import UPLOAD_JOB
+from fhirbridge.pipeline.intake import UPLOAD_JOB, same_patient
 from fhirbridge.pipeline.patient import PatientResolver, identifier_in_domains
 from fhirbridge.pipeline.queue import ClaimedJob, JobQueue, enqueue
 from fhirbridge.store.db import Database
@@ -194,6 +194,15 @@ class Pipeline:
         else:
             assert isinstance(verdict, Matched)
             patient = verdict.patient
+        if sub.bound_patient and not confirmed and not same_patient(patient.ref,
+                                                                    sub.bound_patient):
+            # uploaded with a token limited to one patient, matched to another (a merge, an
+            # identifier moved): a person decides (SMART patient/ scopes)
+            bound = self.lookup_patient(sub.bound_patient)
+            self._hold_reason(job, task.id, "patient-mismatch", "the upload was made for one "
+                              "patient and identity matching found another",
+                              [review_summary(p) for p in (patient, bound) if p is not None])
+            return "held"
         if desc.claim.reference and patient.ref != desc.claim.reference:
             # the subject was merged into a survivor at the EHR: what we stored under the
             # subsumed Patient must follow (fhirbridge.pipeline.ehr_recheck)

@@ -48,6 +48,9 @@ class Submission(Base):
     attachments_json: Mapped[str] = mapped_column(Text, default="[]")
     replaces_id: Mapped[str] = mapped_column(String(64), default="")  # relatesTo replaces
     superseded_by: Mapped[str] = mapped_column(String(64), default="")  # set once it completes
+    # uploaded with a patient-bound token (SMART patient/ scopes): that EHR `Patient/{id}`;
+    # the pipeline holds the upload if identity matching finds anyone else
+    bound_patient: Mapped[str] = mapped_column(String(128), default="", index=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -220,6 +223,8 @@ class BinaryRecord(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # posted with a patient-bound token: that `Patient/{id}`; only such a token may read it
+    bound_patient: Mapped[str] = mapped_column(String(128), default="", index=True)
 
 
 class AuditEventRecord(Base):
