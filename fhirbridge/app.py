@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from fhirbridge.adapters.attachments import AttachmentFetcher
-from fhirbridge.adapters.blobs import BlobStore
+from fhirbridge.adapters.blobs import BlobStore, make_private_dir
 from fhirbridge.adapters.ehr import FhirEhr
 from fhirbridge.adapters.pacs import Pacs, open_pacs
 from fhirbridge.api.auth import TokenVerifier
@@ -28,6 +28,7 @@ from fhirbridge.config import Settings
 from fhirbridge.media.video import probe_video
 from fhirbridge.pipeline.corrections import RECONCILE_JOB, reconcile
 from fhirbridge.pipeline.ehr_recheck import EHR_RECHECK_JOB, recheck, schedule_recheck
+from fhirbridge.pipeline.retention import RETENTION_JOB, purge_job, schedule_purge
 from fhirbridge.pipeline.intake import IntakeContext, StagedBlob
 from fhirbridge.pipeline.patient import PatientResolver
 from fhirbridge.pipeline.process import Pipeline, PipelineOptions
@@ -99,7 +100,9 @@ class Services:
 
 
 def build_services(settings: Settings) -> Services:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if make_private_dir(settings.data_dir):  # PHI at rest: the service's own user only
+        log.warning("data_dir %s was open to other users; its mode is now 0700",
+                    settings.data_dir)
     db = Database(settings.database_url)
     db.create_schema()
     p = settings.pipeline
@@ -122,6 +125,7 @@ def build_services(settings: Settings) -> Services:
         instances_dir=settings.data_dir / "instances",
         wado_rs_url=wado,
         limits=settings.media.limits(),
+        keep_files=settings.retention.keep_files,
     ))
     services_ref: list[Services] = []
     pipeline.fetcher = AttachmentFetcher(
@@ -130,6 +134,8 @@ def build_services(settings: Settings) -> Services:
         timeout=settings.ehr.timeout_seconds, max_bytes=settings.media.max_binary_bytes)
     pipeline.handlers[RECONCILE_JOB] = partial(reconcile, pipeline)
     pipeline.handlers[EHR_RECHECK_JOB] = partial(recheck, pipeline)
+    pipeline.handlers[RETENTION_JOB] = partial(purge_job, pipeline,
+                                               settings.retention.retention_days)
     services = Services(settings, db, queue, blobs, pacs, ehr, pipeline, index)
     services.verifier = TokenVerifier.from_settings(settings)  # keys cached for the process
     services.audit = open_recorder(db, settings)
@@ -162,6 +168,23 @@ class Workers:
                                  name="fhirbridge-ehr-recheck", daemon=True)
             t.start()
             self.threads.append(t)
+        days = self.services.settings.retention.retention_days
+        if self.count and days > 0:  # [retention] retention_days: a purge at start, then often
+            t = threading.Thread(target=self._schedule_purges,
+                                 args=(max(1.0, min(3600.0, days * 86400 / 4)),),
+                                 name="fhirbridge-retention", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _schedule_purges(self, every: float) -> None:
+        """Queue the retention purge now and every `every` seconds (pipeline.retention)."""
+        while True:
+            try:
+                schedule_purge(self.services.pipeline)
+            except Exception:  # database briefly unavailable: try at the next tick
+                log.exception("could not schedule the retention purge")
+            if self.stop_event.wait(every):
+                return
 
     def _schedule_rechecks(self, every: float) -> None:
         """Queue an EHR recheck every `every` seconds (merges made at the EHR, PIXm-style)."""

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     from fhirbridge.config import load_settings
 
     tune_malloc()  # before the service allocates its buffers (serve, worker, jobs)
+    if args.command in ("serve", "worker"):
+        # PHI at rest: every file and directory the service (SQLite, pydicom, blobs, the
+        # folder PACS) creates is its own user's only: 0600 / 0700
+        os.umask(0o077)
 
     try:
         settings = load_settings(args.config)

@@ -302,7 +302,7 @@ class FolderPacs:
 
     def __init__(self, url: str, *, wado_rs_url: str = "") -> None:
         self.root = Path(unquote(urlparse(url).path))
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # PHI at rest
         self._wado = wado_rs_url.rstrip("/")
 
     @property

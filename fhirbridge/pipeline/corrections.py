@@ -6,6 +6,9 @@ Job payload: {"old": [[system, value], …], "new": [system, value], "reason": "
 The new identity is resolved again through the match policy (EHR first), so a correction
 never moves images to a patient the policy would not match; when it would hold, the job
 fails with that reason for an operator to see. Re-running gives the same final state.
+
+The object to correct is our built copy while it is kept (`[retention] keep_files`), else the
+PACS's own copy, retrieved (WADO-RS, Orthanc REST, C-GET or the folder): see `load_stored`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
 from fhirbridge.adapters.blobs import write_durably
@@ -54,17 +57,20 @@ def reconcile(pipeline: Pipeline, job: ClaimedJob) -> str:
                         "correction not applied: the patient has no identifier in a domain")
     corrected = []
     for row in rows:
-        ds = dcmread(row.file_path)
+        ds = load_stored(pipeline, row)
         if differs(ds, demographics):
             fixed = correct_patient(ds, demographics, reason=reason,
                                     source="EHR / ADT patient identity feed")
-            path = Path(row.file_path)
-            write_durably(path.with_suffix(".new"), write_dataset(fixed))
+            path = Path(row.file_path) if row.file_path and Path(row.file_path).is_file() \
+                else None  # a kept built copy follows the correction
+            if path is not None:
+                write_durably(path.with_suffix(".new"), write_dataset(fixed))
             corrected.append((row, str(ds.get("PatientID", "")), fixed, path))
     if corrected:
         pipeline.pacs.replace([(old_pid, fixed) for _, old_pid, fixed, _ in corrected])
         for _, _, _, path in corrected:
-            path.with_suffix(".new").replace(path)
+            if path is not None:
+                path.with_suffix(".new").replace(path)
     studies: dict[str, list[int]] = defaultdict(list)
     with pipeline.db.transaction(durable=False) as s:
         for row in rows:
@@ -79,6 +85,21 @@ def reconcile(pipeline: Pipeline, job: ClaimedJob) -> str:
     with pipeline.db.transaction(durable=False) as s:
         pipeline.queue.complete(s, job)
     return "done"
+
+
+def load_stored(pipeline: Pipeline, row: StoredInstance, *,
+                header_only: bool = False) -> Dataset:
+    """The object as stored: our built copy while kept, else retrieved from the PACS (the
+    copy is removed once the PACS holds the object). PacsError when the PACS cannot be asked
+    (retried); Permanent when it no longer holds the object (an operator must look)."""
+    if row.file_path and Path(row.file_path).is_file():
+        return dcmread(row.file_path, stop_before_pixels=header_only)
+    ds = pipeline.pacs.retrieve(row.study_instance_uid, row.series_instance_uid,
+                                row.sop_instance_uid)
+    if ds is None:
+        raise Permanent("correction-object-missing", "correction not applied: the PACS no "
+                        "longer holds an object fhirbridge stored")
+    return ds
 
 
 def enqueue_correction(session: object, old: tuple[Identifier, ...], new: Identifier,

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 
-from pydicom import dcmread
+from pathlib import Path
+
 from sqlalchemy import select
 
 from fhirbridge.dicom.correct import differs
 from fhirbridge.identity.model import Identifier, PatientRecord, patient_record_from_fhir
-from fhirbridge.pipeline.corrections import enqueue_correction
+from fhirbridge.pipeline.corrections import enqueue_correction, load_stored
 from fhirbridge.pipeline.patient import _follow_links, identifier_in_domains
 from fhirbridge.pipeline.process import EHR_RECHECK_JOB, Pipeline
 from fhirbridge.pipeline.queue import ClaimedJob, enqueue
@@ -79,8 +80,11 @@ def check_patient(pipeline: Pipeline, ref: str) -> bool:
         return False
     if target.ref == ref:
         wanted = pipeline.demographics(target)
+        # built copies kept ([retention] keep_files) are read; else one object per patient is
+        # retrieved from the PACS (they are corrected together, so they agree)
+        sample = [r for r in rows if r.file_path and Path(r.file_path).is_file()] or rows[:1]
         if wanted is None or not any(
-                differs(dcmread(r.file_path, stop_before_pixels=True), wanted) for r in rows):
+                differs(load_stored(pipeline, r, header_only=True), wanted) for r in sample):
             return False
         reason = "EHR demographics update"
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -53,6 +54,7 @@ from fhirbridge.media.sniff import content_type_matches, sniff_content_type
 from fhirbridge.pipeline.intake import UPLOAD_JOB, same_patient
 from fhirbridge.pipeline.patient import PatientResolver, identifier_in_domains
 from fhirbridge.pipeline.queue import ClaimedJob, JobQueue, enqueue
+from fhirbridge.pipeline.retention import release_files
 from fhirbridge.store.db import Database
 from fhirbridge.store.models import ImagingStudyRecord, StoredInstance, Submission, Task, utcnow
 
@@ -66,6 +68,8 @@ _TASK_DONE = update(Task).where(Task.id == bindparam("task_id")).values(
     status="completed", reason_code=bindparam("code"), reason_text=bindparam("text"),
     output_ref=bindparam("ref"))
 _TASK_OF_SUBMISSION = select(Task).where(Task.submission_id == bindparam("sub_id"))
+_STRIP_RESOURCE = update(Submission).where(Submission.id == bindparam("sub_id")).values(
+    resource_json=bindparam("r_json"))
 _STUDY_KEPT = update(ImagingStudyRecord).where(ImagingStudyRecord.id == bindparam("study_id"))
 _STUDY_UPDATE = _STUDY_KEPT.values(patient_ref=bindparam("p_ref"),
                                    resource_json=bindparam("r_json"))
@@ -106,6 +110,9 @@ class PipelineOptions:
     limits: MediaLimits = field(default_factory=MediaLimits)
     source_description: str = "Patient portal upload via fhirbridge"
     extra: dict[str, Any] = field(default_factory=dict)
+    # [retention] keep_files: staged bytes and built DICOM copies stay after the PACS holds
+    # the object (else removed once the Task completes; pipeline.retention)
+    keep_files: bool = False
 
 
 class Pipeline:
@@ -263,9 +270,15 @@ class Pipeline:
         code, text = ("duplicate", "the same content was already stored for this patient; "
                       "the stored instance is reused") if reused and not built else ("", "")
 
+        # PHI at rest: once completed, the stored resource keeps no more of what the patient
+        # typed about themselves (the DICOM object and ImagingStudy carry what is needed)
+        stripped = json.dumps(strip_self_reported(resource))
+
         def finish(s: Any) -> None:  # in the transaction that keeps the last ImagingStudy
-            s.connection().execute(_TASK_DONE, {"task_id": task.id, "code": code, "text": text,
-                                                "ref": study_ref})
+            conn = s.connection()
+            conn.execute(_TASK_DONE, {"task_id": task.id, "code": code, "text": text,
+                                      "ref": study_ref})
+            conn.execute(_STRIP_RESOURCE, {"sub_id": sub.id, "r_json": stripped})
             self.queue.complete(s, job)
 
         for i, study_uid in enumerate(uids):  # uids[0]: the new instances' study, if any
@@ -275,6 +288,9 @@ class Pipeline:
         if not uids:
             with self.db.transaction(durable=False) as s:
                 finish(s)
+        if not self.options.keep_files:  # the PACS holds the objects and the Task completed
+            release_files(self.db, self.blobs, sub.id, used_after={
+                a["blob_path"]: a["fetched_at"] for a in attachments if "fetched_at" in a})
         return "done"
 
     @staticmethod
@@ -307,7 +323,8 @@ class Pipeline:
             if not content_type_matches(att["content_type"], sniff_content_type(head)):
                 raise Permanent("type-mismatch", "the fetched attachment is not "
                                 f"{att['content_type']}")
-            att.update(blob_path=rel, sha256=digest, size=size)
+            # written by this job after the upload was received (pipeline.retention)
+            att.update(blob_path=rel, sha256=digest, size=size, fetched_at=time.time())
             with self.db.transaction(durable=False) as s:
                 row = s.get(Submission, submission_id)
                 if row is not None:
@@ -474,8 +491,17 @@ class Pipeline:
         `finish` in the same transaction. `known`: summaries of objects we hold in memory (the
         rest are read back from their files). Returns (the current instances, whether `rows`
         were still current)."""
-        summaries = [known.get(r.sop_instance_uid) or summary_from_file(Path(r.file_path))
-                     for r in rows]
+        kept: dict[str, InstanceSummary] | None = None  # from our copy of the ImagingStudy
+        summaries = []
+        for r in rows:
+            summary = known.get(r.sop_instance_uid)
+            if summary is None and Path(r.file_path).is_file():
+                summary = summary_from_file(Path(r.file_path))
+            if summary is None:  # the built copy was removed once the PACS held it
+                if kept is None:
+                    kept = self._kept_summaries(local_id)
+                summary = kept.get(r.sop_instance_uid) or self._retrieved_summary(r)
+            summaries.append(summary)
         resource = imaging_study(summaries, subject=subject,
                                  wado_rs_url=self.options.wado_rs_url, resource_id=local_id)
         ehr_id = ""
@@ -506,6 +532,19 @@ class Pipeline:
             if complete and finish is not None:
                 finish(s)
         return current, complete
+
+    def _kept_summaries(self, local_id: str) -> dict[str, InstanceSummary]:
+        with self.db.session() as s:
+            rec = s.get(ImagingStudyRecord, local_id)
+        return summaries_from_imaging_study(json.loads(rec.resource_json)) if rec else {}
+
+    def _retrieved_summary(self, row: StoredInstance) -> InstanceSummary:
+        ds = self.pacs.retrieve(row.study_instance_uid, row.series_instance_uid,
+                                row.sop_instance_uid)
+        if ds is None:
+            raise Permanent("instance-missing-in-pacs", "an object stored earlier for this "
+                            "study is no longer held by the PACS")
+        return summary_from_dataset(ds)
 
     # -- task state ------------------------------------------------------------------------
     def _hold(self, job: ClaimedJob, task_id: str, verdict: Held) -> None:
@@ -575,6 +614,65 @@ def describe_upload(resource_type: str, resource: dict[str, Any]) -> UploadDescr
     if resource_type == "DocumentReference":
         return describe_document_reference(resource)
     return describe_media(resource)
+
+
+def strip_self_reported(resource: dict[str, Any]) -> dict[str, Any]:
+    """The resource without what the patient typed about themselves: contained Patients
+    (Media's self-reported Patient, DocumentReference.context.sourcePatientInfo, IHE MHD),
+    `subject.display` and `note` (PHI at rest kept small). The rest (identifiers, subject
+    reference, body site, attachment metadata, DocumentReference.description: the document
+    title the DICOM object carries too) stays."""
+    out = dict(resource)
+    contained = [c for c in out.get("contained") or [] if isinstance(c, dict)]
+    kept = [c for c in contained if c.get("resourceType") != "Patient"]
+    if kept:
+        out["contained"] = kept
+    else:
+        out.pop("contained", None)
+    if isinstance(out.get("subject"), dict):
+        out["subject"] = {k: v for k, v in out["subject"].items() if k != "display"}
+    out.pop("note", None)
+    context = out.get("context")
+    if isinstance(context, dict) and isinstance(context.get("sourcePatientInfo"), dict):
+        context = dict(context)
+        source = context["sourcePatientInfo"]
+        if str(source.get("reference", "")).startswith("#") or "display" in source:
+            context.pop("sourcePatientInfo")
+        out["context"] = context
+    return out
+
+
+def summaries_from_imaging_study(resource: dict[str, Any]) -> dict[str, InstanceSummary]:
+    """What ImagingStudy needs of each instance, read back from an ImagingStudy we wrote
+    (fhirbridge.fhir.imagingstudy.imaging_study), by SOP Instance UID."""
+    from fhirbridge.dicom.context import CodedConcept
+    from fhirbridge.fhir.imagingstudy import LATERALITY_SCT
+
+    laterality = {code: key for key, (code, _) in LATERALITY_SCT.items()}
+    study_uid = str(resource.get("identifier", [{}])[0].get("value", "")).removeprefix(
+        "urn:oid:")
+    out: dict[str, InstanceSummary] = {}
+    for series in resource.get("series") or []:
+        site = series.get("bodySite")
+        started = series.get("started")
+        for inst in series.get("instance") or []:
+            out[inst["uid"]] = InstanceSummary(
+                study_instance_uid=study_uid,
+                series_instance_uid=series["uid"],
+                sop_instance_uid=inst["uid"],
+                sop_class_uid=str(inst["sopClass"]["code"]).removeprefix("urn:oid:"),
+                modality=series["modality"]["code"],
+                series_number=int(series.get("number") or 1),
+                instance_number=int(inst.get("number") or 1),
+                started=datetime.fromisoformat(started) if started else None,
+                series_description=series.get("description", ""),
+                study_description=resource.get("description", ""),
+                body_site=CodedConcept(code=site["code"], scheme="SCT",
+                                       meaning=site.get("display", "")) if site else None,
+                laterality=laterality.get((series.get("laterality") or {}).get("code", ""), ""),
+                title=inst.get("title", ""),
+            )
+    return out
 
 
 def summary_from_file(path: Path) -> InstanceSummary:

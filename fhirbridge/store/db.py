@@ -6,6 +6,7 @@ of failing on upgrade; PostgreSQL uses `FOR UPDATE SKIP LOCKED` in the job queue
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ class Database:
             path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _private_sqlite_files(Path(path))
             self.engine: Engine = create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": 30},
                 hide_parameters=True,
@@ -95,6 +97,18 @@ class Database:
         self.engine.dispose()
         self._relaxed_engine.dispose()
         self._read_engine.dispose()
+
+
+def _private_sqlite_files(path: Path) -> None:
+    """PHI at rest: the database file 0600 (created so when new); SQLite gives its -wal and
+    -shm files the database file's mode. Existing files more open than that are closed."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if f.stat().st_mode & 0o077:
+                os.chmod(f, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
