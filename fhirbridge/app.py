@@ -22,6 +22,7 @@ from fhirbridge.adapters.attachments import AttachmentFetcher
 from fhirbridge.adapters.blobs import BlobStore, make_private_dir
 from fhirbridge.adapters.ehr import FhirEhr
 from fhirbridge.adapters.pacs import Pacs, open_pacs
+from fhirbridge.adapters.smart_backend import build_ehr_auth
 from fhirbridge.api.auth import TokenVerifier
 from fhirbridge.audit import AuditRecorder, open_recorder
 from fhirbridge.config import Settings
@@ -116,8 +117,11 @@ def build_services(settings: Settings) -> Services:
     pacs = open_pacs(settings.pacs.url, ae_title=settings.pacs.ae_title, wado_rs_url=wado,
                      timeout=settings.pacs.timeout_seconds, max_pdu=settings.pacs.max_pdu,
                      correction=settings.pacs.correction, orthanc_url=settings.pacs.orthanc_url)
+    # one credentials object for the EHR (none / bearer / SMART Backend Services), shared by
+    # the FHIR client and the attachment fetcher; a wrong [ehr] set-up stops start-up here
+    ehr_auth = build_ehr_auth(settings.ehr)
     ehr = (FhirEhr(settings.ehr.fhir_url, timeout=settings.ehr.timeout_seconds,
-                   bearer_token=settings.ehr.bearer_token) if settings.ehr.fhir_url else None)
+                   auth=ehr_auth) if settings.ehr.fhir_url else None)
     index = PatientIndex(db)
     resolver = PatientResolver(ehr, index=index)
     pipeline = Pipeline(db, queue, blobs, pacs, resolver, ehr, PipelineOptions(
@@ -129,7 +133,7 @@ def build_services(settings: Settings) -> Services:
     ))
     services_ref: list[Services] = []
     pipeline.fetcher = AttachmentFetcher(
-        settings.ehr.fhir_url, settings.ehr.bearer_token, settings.ehr.attachment_url_allowlist,
+        settings.ehr.fhir_url, ehr_auth, settings.ehr.attachment_url_allowlist,
         lambda binary_id: services_ref[0].local_binary(binary_id),
         timeout=settings.ehr.timeout_seconds, max_bytes=settings.media.max_binary_bytes)
     pipeline.handlers[RECONCILE_JOB] = partial(reconcile, pipeline)

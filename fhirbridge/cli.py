@@ -67,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # pydantic errors name the key; they carry no PHI
         print(f"fhirbridge: configuration error: {exc}", file=sys.stderr)
         return 2
-    services = build_services(settings)
+    from fhirbridge.adapters.smart_backend import EhrAuthConfigError
+
+    try:
+        services = build_services(settings)
+    except EhrAuthConfigError as exc:  # names the [ehr] key; no secret, no path
+        print(f"fhirbridge: configuration error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "serve":
         import uvicorn
 

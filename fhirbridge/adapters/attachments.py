@@ -5,7 +5,13 @@ relative `Binary/{id}` is ours first, then the EHR's; an absolute URL only under
 a configured prefix (`ehr.attachment_url_allowlist`). URLs are compared after RFC 3986
 normalisation (6.2.2: case, percent-encoding, dot segments) and the request is built from the
 normalised form, so what was checked is what is sent. Redirects are followed by hand (at most
-three), each hop checked again; the EHR's bearer token goes only to URLs under the EHR base.
+three), each hop checked again; the EHR's credentials (a shared `httpx.Auth`) go only to URLs
+under the EHR base.
+
+Confused deputy: content under the EHR base is fetched with fhirbridge's own credentials, so it
+is used only when the EHR shows it belongs to the upload's patient: the Binary is read as FHIR
+JSON and its `securityContext` (FHIR R4 Binary.securityContext) must be that Patient, or a
+resource whose `subject`/`patient` is that Patient; otherwise `AttachmentNotPatients`.
 """
 
 from __future__ import annotations
@@ -16,17 +22,18 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from fhirbridge.adapters.blobs import BlobStore, BlobTooLarge
 
-__all__ = ["AttachmentFetcher", "AttachmentRefused", "AttachmentUnavailable", "LocalBinary",
-           "Fetched"]
+__all__ = ["AttachmentFetcher", "AttachmentNotPatients", "AttachmentRefused",
+           "AttachmentUnavailable", "LocalBinary", "Fetched", "UrlScope"]
 
 MAX_REDIRECTS = 3
 MAX_BINARY_JSON_BYTES = 64 * 1024 * 1024  # an EHR answering a Binary read with FHIR JSON
@@ -34,6 +41,8 @@ _LOCAL_BINARY = re.compile(r"^Binary/(?!\.+$)([A-Za-z0-9\-.]{1,64})$")  # FHIR i
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _FHIR_JSON = ("application/fhir+json", "application/json")
+_REFERENCE = re.compile(r"^([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+MAX_OWNER_JSON_BYTES = 4 * 1024 * 1024  # the resource a Binary.securityContext points at
 
 
 def local_binary_id(url: str) -> str | None:
@@ -53,6 +62,14 @@ class AttachmentRefused(Exception):
         super().__init__(f"{code}: {text}")
         self.code = code
         self.text = text
+
+
+class AttachmentNotPatients(AttachmentRefused):
+    """EHR content that is not shown to belong to the upload's patient (confused deputy):
+    the upload is held for a person, its bytes are not used."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("not-patients", text)
 
 
 class AttachmentUnavailable(Exception):
@@ -164,22 +181,61 @@ def _remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out)
 
 
+class UrlScope:
+    """The URLs at or below one base URL, compared after RFC 3986 6.2.2 normalisation (the
+    rule that decides where the EHR's credentials may go)."""
+
+    def __init__(self, base_url: str) -> None:
+        try:
+            self.base = normalise_url(base_url.rstrip("/"))
+        except _Refuse as exc:
+            raise ValueError(f"not an absolute http(s) URL ({exc})") from None
+
+    @staticmethod
+    def is_http_url(url: str) -> bool:
+        try:
+            normalise_url(url)
+        except _Refuse:
+            return False
+        return True
+
+    def covers(self, url: str | _Url) -> bool:
+        try:
+            u = url if isinstance(url, _Url) else normalise_url(url)
+        except _Refuse:
+            return False
+        return u.under(self.base)
+
+    def relative(self, url: str | _Url) -> str | None:
+        """The path below the base (`Binary/abc`) of a covered URL without a query."""
+        try:
+            u = url if isinstance(url, _Url) else normalise_url(url)
+        except _Refuse:
+            return None
+        if u.query or not u.under(self.base):
+            return None
+        return u.path[len(self.base.path.rstrip("/")):].lstrip("/")
+
+
 class AttachmentFetcher:
     """Fetch attachment URLs into a `BlobStore`, streamed, bounded in size and time.
 
     Blocking (httpx sync client): call it from a worker thread.
     """
 
-    def __init__(self, ehr_base_url: str, bearer_token: str,
+    def __init__(self, ehr_base_url: str, auth: httpx.Auth | None,
                  allowed_url_prefixes: list[str], local_binary_resolver: LocalResolver,
                  timeout: float = 15.0, max_bytes: int = 2 * 1024 * 1024 * 1024, *,
                  deadline_seconds: float = 600.0,
                  transport: httpx.BaseTransport | None = None) -> None:
-        """`timeout`: connect and each read; `deadline_seconds`: the whole fetch, redirects
-        included (checked as chunks arrive). A prefix that is not an absolute http(s) URL is a
-        configuration error (ValueError)."""
-        self.ehr = normalise_url(ehr_base_url.rstrip("/")) if ehr_base_url else None
-        self.bearer_token = bearer_token
+        """`auth`: the EHR's credentials (`fhirbridge.adapters.smart_backend`, shared with the
+        FHIR client), used only for requests under the EHR base. `timeout`: connect and each
+        read; `deadline_seconds`: the whole fetch, redirects included (checked as chunks
+        arrive). A prefix that is not an absolute http(s) URL is a configuration error
+        (ValueError)."""
+        self.ehr_scope = UrlScope(ehr_base_url) if ehr_base_url else None
+        self.ehr = self.ehr_scope.base if self.ehr_scope is not None else None
+        self.auth = auth
         prefixes: list[_Url] = []
         for p in allowed_url_prefixes:
             try:
@@ -210,18 +266,29 @@ class AttachmentFetcher:
         except _Refuse:
             return False
 
+    def points_into_ehr(self, url: str) -> bool:
+        """Whether the URL, as given, reads from the EHR (a `Binary/{id}` not held here, or an
+        absolute URL under the EHR base): its content must be shown to be the patient's."""
+        m = _LOCAL_BINARY.match(url)
+        if m:
+            return self.ehr is not None and self.resolve_local(m.group(1)) is None
+        return self.ehr_scope is not None and self.ehr_scope.covers(url)
+
     def _allowed(self, u: _Url) -> bool:
         return any(u.under(p) for p in self.allowed)
 
     def _to_ehr(self, u: _Url) -> bool:
-        return self.ehr is not None and u.under(self.ehr)
+        return self.ehr_scope is not None and self.ehr_scope.covers(u)
 
     # -- fetching ---------------------------------------------------------------------------
 
-    def fetch_to_blob(self, url: str, blobs: BlobStore) -> Fetched:
+    def fetch_to_blob(self, url: str, blobs: BlobStore, patient_ref: str | None = None
+                      ) -> Fetched:
         """The attachment's bytes, durable in `blobs`: (rel path, sha256, size, content type).
 
-        `AttachmentRefused` for a definite no, `AttachmentUnavailable` to retry later."""
+        `patient_ref`: the upload's patient as the EHR knows it (`Patient/{id}`), or None when
+        it is not known there; content from the EHR must belong to it. `AttachmentRefused`
+        (`AttachmentNotPatients`) for a definite no, `AttachmentUnavailable` to retry later."""
         m = _LOCAL_BINARY.match(url)
         if m:
             local = self.resolve_local(m.group(1))
@@ -243,8 +310,16 @@ class AttachmentFetcher:
             raise AttachmentRefused("not-allowed", "attachment URL is neither under the EHR "
                                     "base nor on ehr.attachment_url_allowlist")
         deadline = time.monotonic() + self.deadline_seconds
+        sent_by_ehr = False  # a hop answered by the EHR redirected: where it points is its word
         for _hop in range(MAX_REDIRECTS + 1):
-            nxt = self._get(target, blobs, deadline)
+            if self._to_ehr(target):
+                nxt = self._get_ehr_binary(target, blobs, deadline, patient_ref)
+                sent_by_ehr = True
+            elif sent_by_ehr:
+                raise AttachmentNotPatients("the EHR redirected the attachment elsewhere; "
+                                            "whose content it is cannot be checked")
+            else:
+                nxt = self._get(target, blobs, deadline)
             if isinstance(nxt, Fetched):
                 return nxt
             try:
@@ -259,42 +334,99 @@ class AttachmentFetcher:
     fetch = fetch_to_blob  # the name pipeline.process calls
 
     def _get(self, target: _Url, blobs: BlobStore, deadline: float) -> Fetched | str:
-        """One request: the stored result, or the Location of a redirect."""
+        """One request without credentials: the stored result, or a redirect's Location."""
         # identity: a compressed answer could expand far beyond a chunk before it is counted
         headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
-        if self._to_ehr(target) and self.bearer_token:
-            headers["Authorization"] = f"Bearer {self.bearer_token}"
+        with self._stream(target, headers, None) as r:
+            if r.is_redirect:
+                return r.headers["location"]
+            _check_status(r.status_code)
+            ctype = r.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            self._check_length(r)
+            chunks = _until(r.iter_bytes(), deadline)
+            if ctype in _FHIR_JSON:
+                return self._store_binary(self._read_json(chunks, self._binary_json_limit()),
+                                          blobs)
+            try:
+                rel, digest, size = blobs.put_iter(chunks, max_bytes=self.max_bytes)
+            except BlobTooLarge:
+                raise AttachmentRefused("too-large", f"attachment is larger than "
+                                        f"{self.max_bytes} bytes") from None
+            return Fetched(rel, digest, size, ctype)
+
+    def _get_ehr_binary(self, target: _Url, blobs: BlobStore, deadline: float,
+                        patient_ref: str | None) -> Fetched | str:
+        """A Binary read at the EHR with fhirbridge's credentials (FHIR R4 http.html#binary,
+        asked for as FHIR JSON so that `securityContext` comes with the data), used only when
+        that context is the upload's patient."""
+        assert self.ehr_scope is not None
+        below = self.ehr_scope.relative(target) or ""
+        if not _LOCAL_BINARY.match(below):
+            raise AttachmentNotPatients("an EHR address other than Binary/{id}: whose content "
+                                        "it is cannot be checked")
+        if not patient_ref or not _REFERENCE.match(patient_ref) \
+                or not patient_ref.startswith("Patient/"):
+            raise AttachmentNotPatients("the upload's patient is not known at the EHR, so "
+                                        "content from the EHR cannot be checked as theirs")
+        headers = {"Accept": "application/fhir+json", "Accept-Encoding": "identity"}
+        with self._stream(target, headers, self.auth) as r:
+            if r.is_redirect:
+                return r.headers["location"]
+            _check_status(r.status_code)
+            ctype = r.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if ctype not in _FHIR_JSON:
+                raise AttachmentNotPatients("the EHR answered without the Binary resource, so "
+                                            "whose content it is cannot be checked")
+            doc = self._read_json(_until(r.iter_bytes(), deadline), self._binary_json_limit())
+        if doc.get("resourceType") != "Binary":
+            raise AttachmentRefused("bad-content", "answer is FHIR JSON but no Binary")
+        if not self._belongs_to(doc, patient_ref, deadline):
+            raise AttachmentNotPatients("the EHR content is not shown to belong to the upload's "
+                                        "patient (Binary.securityContext)")
+        return self._store_binary(doc, blobs)
+
+    def _belongs_to(self, binary: dict[str, Any], patient_ref: str, deadline: float) -> bool:
+        """Binary.securityContext names the patient, or a resource (DocumentReference, Media,
+        …) whose `subject` or `patient` is the patient; one level, read at the EHR."""
+        context = binary.get("securityContext")
+        ref = self._ehr_reference(context)
+        if ref is None:
+            return False
+        if ref.startswith("Patient/"):
+            return ref == patient_ref
+        owner_url = normalise_url(f"{self.ehr_scope.base.text}/{ref}")  # type: ignore[union-attr]
+        headers = {"Accept": "application/fhir+json", "Accept-Encoding": "identity"}
+        with self._stream(owner_url, headers, self.auth) as r:
+            if r.status_code in (404, 410) or r.is_redirect:
+                return False
+            _check_status(r.status_code)
+            owner = self._read_json(_until(r.iter_bytes(), deadline), MAX_OWNER_JSON_BYTES)
+        rtype, rid = ref.split("/", 1)
+        if owner.get("resourceType") != rtype or owner.get("id") != rid:
+            return False
+        for element in ("subject", "patient"):
+            if self._ehr_reference(owner.get(element)) == patient_ref:
+                return True
+        return False
+
+    def _ehr_reference(self, reference: Any) -> str | None:
+        """`Type/id` of a FHIR Reference to a resource at the EHR (relative, or absolute under
+        the EHR base; a version is dropped); None for anything else (contained, elsewhere)."""
+        if not isinstance(reference, dict) or not isinstance(reference.get("reference"), str):
+            return None
+        ref: str | None = reference["reference"]
+        if ref and "://" in ref:
+            ref = self.ehr_scope.relative(ref) if self.ehr_scope is not None else None
+        m = _REFERENCE.match(ref or "")
+        return f"{m.group(1)}/{m.group(2)}" if m else None
+
+    @contextmanager
+    def _stream(self, target: _Url, headers: dict[str, str],
+                auth: httpx.Auth | None) -> Iterator[httpx.Response]:
+        """One GET, streamed; network failures and timeouts are retryable."""
         try:
-            with self.client.stream("GET", target.text, headers=headers) as r:
-                status = r.status_code
-                if r.is_redirect:
-                    return r.headers["location"]
-                if status == 429 or status >= 500:
-                    raise AttachmentUnavailable(f"attachment source answered HTTP {status}")
-                if status in (404, 410):
-                    raise AttachmentRefused("not-found", f"attachment source answered HTTP "
-                                            f"{status}")
-                if status != 200:
-                    raise AttachmentRefused("http-error", f"attachment source answered HTTP "
-                                            f"{status}")
-                ctype = r.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-                declared = r.headers.get("content-length")
-                if declared is not None and not r.headers.get("content-encoding"):
-                    try:
-                        if int(declared) > self.max_bytes:
-                            raise AttachmentRefused("too-large", f"attachment is larger than "
-                                                    f"{self.max_bytes} bytes")
-                    except ValueError:
-                        pass
-                chunks = _until(r.iter_bytes(), deadline)
-                if ctype in _FHIR_JSON:
-                    return self._binary_json(chunks, blobs)
-                try:
-                    rel, digest, size = blobs.put_iter(chunks, max_bytes=self.max_bytes)
-                except BlobTooLarge:
-                    raise AttachmentRefused("too-large", f"attachment is larger than "
-                                            f"{self.max_bytes} bytes") from None
-                return Fetched(rel, digest, size, ctype)
+            with self.client.stream("GET", target.text, headers=headers, auth=auth) as r:
+                yield r
         except httpx.TimeoutException as exc:
             raise AttachmentUnavailable(f"attachment fetch timed out ({type(exc).__name__})") \
                 from None
@@ -302,20 +434,42 @@ class AttachmentFetcher:
             raise AttachmentUnavailable(f"attachment fetch failed ({type(exc).__name__})") \
                 from None
 
-    def _binary_json(self, chunks: Iterator[bytes], blobs: BlobStore) -> Fetched:
-        """The source answered with a FHIR Binary resource (JSON): decode its `data`."""
-        limit = min(MAX_BINARY_JSON_BYTES, self.max_bytes * 4 // 3 + 65536)
+    def _check_length(self, r: httpx.Response) -> None:
+        declared = r.headers.get("content-length")
+        if declared is not None and not r.headers.get("content-encoding"):
+            try:
+                too_large = int(declared) > self.max_bytes
+            except ValueError:
+                return
+            if too_large:
+                raise AttachmentRefused("too-large", f"attachment is larger than "
+                                        f"{self.max_bytes} bytes")
+
+    def _binary_json_limit(self) -> int:
+        return min(MAX_BINARY_JSON_BYTES, self.max_bytes * 4 // 3 + 65536)
+
+    @staticmethod
+    def _read_json(chunks: Iterator[bytes], limit: int) -> dict[str, Any]:
         raw = bytearray()
         for chunk in chunks:
             raw += chunk
             if len(raw) > limit:
-                raise AttachmentRefused("too-large", "Binary resource answered is too large")
+                raise AttachmentRefused("too-large", "FHIR resource answered is too large")
         try:
             doc = json.loads(bytes(raw))
-            if not isinstance(doc, dict) or doc.get("resourceType") != "Binary":
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise AttachmentRefused("bad-content", "answer is not a FHIR JSON resource")
+        return doc
+
+    def _store_binary(self, doc: dict[str, Any], blobs: BlobStore) -> Fetched:
+        """The source answered with a FHIR Binary resource (JSON): decode its `data`."""
+        try:
+            if doc.get("resourceType") != "Binary":
                 raise ValueError
             data = base64.b64decode("".join(str(doc.get("data", "")).split()), validate=True)
-        except (ValueError, binascii.Error, UnicodeDecodeError):
+        except (ValueError, binascii.Error):
             raise AttachmentRefused("bad-content", "answer is FHIR JSON but no Binary with "
                                     "base64 data") from None
         if not data:
@@ -326,6 +480,15 @@ class AttachmentFetcher:
         rel, digest = blobs.put(data)
         ctype = str(doc.get("contentType") or "").split(";", 1)[0].strip().lower()
         return Fetched(rel, digest, len(data), ctype)
+
+
+def _check_status(status: int) -> None:
+    if status == 429 or status >= 500:
+        raise AttachmentUnavailable(f"attachment source answered HTTP {status}")
+    if status in (404, 410):
+        raise AttachmentRefused("not-found", f"attachment source answered HTTP {status}")
+    if status != 200:
+        raise AttachmentRefused("http-error", f"attachment source answered HTTP {status}")
 
 
 def _until(chunks: Iterator[bytes], deadline: float) -> Iterator[bytes]:

@@ -22,14 +22,15 @@ class EhrRefused(Exception):
 
 
 class FhirEhr:
-    def __init__(self, base_url: str, *, timeout: float = 15.0, bearer_token: str = "",
+    def __init__(self, base_url: str, *, timeout: float = 15.0, auth: httpx.Auth | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
+        """`auth`: the EHR's credentials (`fhirbridge.adapters.smart_backend`: bearer or SMART
+        Backend Services), shared with the attachment fetcher; it adds them only to URLs under
+        the EHR base. Redirects are not followed, so every request passes through it."""
         self.base = base_url.rstrip("/")
-        headers = {"Accept": FHIR_JSON}
-        if bearer_token:
-            headers["Authorization"] = f"Bearer {bearer_token}"
-        self.client = httpx.Client(base_url=self.base, timeout=timeout, headers=headers,
-                                   transport=transport)
+        self.client = httpx.Client(base_url=self.base, timeout=timeout,
+                                   headers={"Accept": FHIR_JSON}, auth=auth,
+                                   follow_redirects=False, transport=transport)
 
     def _request(self, method: str, url: str, **kw: Any) -> httpx.Response:
         try:
@@ -95,8 +96,11 @@ class FhirEhr:
     def ping(self) -> bool:
         try:
             return self._request("GET", "metadata").status_code == 200
-        except EhrUnavailable:
+        except (EhrUnavailable, EhrRefused):  # EhrRefused: the token endpoint said no
             return False
 
     def close(self) -> None:
         self.client.close()
+        close_auth = getattr(self.client.auth, "close", None)  # SMART: its token client
+        if callable(close_auth):
+            close_auth()

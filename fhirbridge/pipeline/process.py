@@ -21,7 +21,11 @@ from typing import Any, Callable
 from pydicom import Dataset, dcmread
 from sqlalchemy import bindparam, insert, select, update
 
-from fhirbridge.adapters.attachments import AttachmentRefused, AttachmentUnavailable
+from fhirbridge.adapters.attachments import (
+    AttachmentNotPatients,
+    AttachmentRefused,
+    AttachmentUnavailable,
+)
 from fhirbridge.adapters.blobs import BlobStore, write_durably
 from fhirbridge.adapters.ehr import EhrRefused, EhrUnavailable, FhirEhr
 from fhirbridge.adapters.pacs import Pacs, PacsError
@@ -143,6 +147,9 @@ class Pipeline:
             # 'lost': our lease expired and another worker owns the job now; it reports.
             if self.queue.fail(job, f"{exc.code}: {exc.text}", retryable=False) != "lost":
                 self._set_task_for(job, "failed", exc.code, exc.text)
+        except EhrRefused as exc:  # e.g. the EHR's token endpoint refused our credentials
+            if self.queue.fail(job, f"ehr-refused: {exc}", retryable=False) != "lost":
+                self._set_task_for(job, "failed", "ehr-refused", str(exc))
         except (EhrUnavailable, PacsError, AttachmentUnavailable, OSError) as exc:
             retryable = getattr(exc, "retryable", True)
             state = self.queue.fail(job, f"{type(exc).__name__}: {exc}", retryable=retryable)
@@ -180,15 +187,10 @@ class Pipeline:
         desc = describe_upload(sub.resource_type, resource)
         attachments = self._attachments(sub)
 
-        # 1. media: fetch what is only a URL, check and prepare every attachment (deterministic)
-        prepared = []
-        for att in attachments:
-            source = self._source_of(sub.id, att)
-            try:
-                prepared.append((att, prepare_media(source, att["content_type"],
-                                                    self.options.limits)))
-            except MediaError as exc:
-                raise Permanent(exc.code, exc.text) from None
+        # 1. media: check and prepare every attachment held here (deterministic); one that is
+        # only a URL is fetched once the patient is known (EHR content must be theirs, 2b)
+        prepared: list[Any] = [self._prepare(sub.id, att) if att.get("blob_path") else att
+                               for att in attachments]
 
         # 2. patient: matched, or held for a person (never a guess)
         confirmed = job.payload.get("confirmed_patient")
@@ -225,6 +227,16 @@ class Pipeline:
         if sub.replaces_id and self._replaces_other_patient(sub.replaces_id, patient.ref):
             raise Permanent("replaces-other-patient", "the upload it replaces belongs to "
                             "another patient; nothing was stored")
+
+        # 2b. attachments that are only a URL, fetched for this patient: content the EHR
+        # gives fhirbridge's own credentials is used only when it is this patient's
+        # (confused deputy: Binary.securityContext); otherwise held for a person
+        try:
+            prepared = [p if isinstance(p, tuple) else self._prepare(
+                sub.id, p, patient.ref if patient.source == "ehr" else None) for p in prepared]
+        except AttachmentNotPatients as exc:
+            self._hold_reason(job, task.id, "attachment-not-patients", exc.text, [])
+            return "held"
 
         # 3. DICOM, with UIDs derived from the submission; content already stored for this
         # patient (same bytes, another upload) reuses the stored instance.
@@ -308,15 +320,28 @@ class Pipeline:
                      "series_number": 1, "instance_number": 1}]
         return atts
 
-    def _source_of(self, submission_id: str, att: dict[str, Any]) -> bytes | Path:
+    def _prepare(self, submission_id: str, att: dict[str, Any],
+                 patient_ref: str | None = None) -> tuple[dict[str, Any], Any]:
+        source = self._source_of(submission_id, att, patient_ref)
+        try:
+            return att, prepare_media(source, att["content_type"], self.options.limits)
+        except MediaError as exc:
+            raise Permanent(exc.code, exc.text) from None
+
+    def _source_of(self, submission_id: str, att: dict[str, Any],
+                   patient_ref: str | None = None) -> bytes | Path:
         """The attachment's bytes (a Path for video: never all in memory), fetching a URL
-        attachment once into the blob store and recording where it went."""
+        attachment once into the blob store and recording where it went. `patient_ref`: the
+        upload's patient at the EHR (`Patient/{id}`), None when the EHR does not know them."""
         if not att.get("blob_path"):
             if self.fetcher is None:
                 raise Permanent("attachment-unavailable", "attachment URLs cannot be fetched: "
                                 "no EHR is configured")
             try:
-                rel, digest, size, _ctype = self.fetcher.fetch(att["url"], self.blobs)
+                rel, digest, size, _ctype = self.fetcher.fetch(att["url"], self.blobs,
+                                                               patient_ref)
+            except AttachmentNotPatients:
+                raise
             except AttachmentRefused as exc:
                 raise Permanent(f"attachment-{exc.code}", exc.text) from None
             head = self.blobs.path(rel).open("rb").read(4096)

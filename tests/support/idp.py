@@ -70,6 +70,7 @@ class IdentityProvider:
     token_requests: list[dict[str, Any]] = field(default_factory=list)  # accepted and refused
     jwks_reads: int = 0
     fail_token_requests: int = 0  # answer the next N token requests 503
+    assertions: list[str] = field(default_factory=list)  # client_assertion of each token request
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -206,6 +207,7 @@ class IdentityProvider:
 
     def _token(self, form: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         with self._lock:
+            self.assertions.append((form.get("client_assertion") or [""])[0])
             if self.fail_token_requests > 0:
                 self.fail_token_requests -= 1
                 return 503, {"error": "temporarily_unavailable"}
