@@ -41,7 +41,8 @@ def prepare_media(source: bytes | Path, content_type: str, limits: MediaLimits) 
         return PreparedMedia(kind, prepare_photo(data, content_type,
                                                  max_pixels=limits.max_pixels,
                                                  min_side=limits.min_side,
-                                                 uniform_stddev=limits.uniform_stddev))
+                                                 uniform_stddev=limits.uniform_stddev,
+                                                 max_decoded_bytes=limits.max_decoded_bytes))
     if kind == PDF:
         from fhirbridge.media.pdf import prepare_pdf
 

@@ -154,7 +154,7 @@ def check_content(data: bytes, att: InboundAttachment, limits: MediaLimits,
             from fhirbridge.media.photo import check_photo
 
             check_photo(data, att.content_type, max_pixels=limits.max_pixels,
-                        min_side=limits.min_side)
+                        min_side=limits.min_side, max_decoded_bytes=limits.max_decoded_bytes)
         elif att.kind == PDF:
             from fhirbridge.media.pdf import check_pdf
 

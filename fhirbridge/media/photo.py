@@ -29,6 +29,7 @@ import io
 import math
 import re
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Callable
@@ -52,9 +53,10 @@ from fhirbridge.media.errors import (
 from fhirbridge.media.sniff import content_type_matches, normalize_content_type, sniff_content_type
 
 __all__ = ["ExifInfo", "PreparedPhoto", "prepare_photo", "check_photo", "read_exif",
-           "DEFAULT_MAX_PIXELS", "DEFAULT_UNIFORM_STDDEV", "JPEG_QUALITY", "SUPPORTED_TYPES"]
+           "DEFAULT_MAX_DECODED_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_UNIFORM_STDDEV", "JPEG_QUALITY", "SUPPORTED_TYPES"]
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's MAX_IMAGE_PIXELS default
+DEFAULT_MAX_DECODED_BYTES = 512 * 1024 * 1024  # media.max_decoded_bytes
 DEFAULT_UNIFORM_STDDEV = 2.0  # luminance standard deviation (0-255 scale) below this: uniform
 JPEG_QUALITY = 92
 _SUBSAMPLING_420 = 2  # Pillow: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0
@@ -192,8 +194,22 @@ def _check_dims(columns: int, rows: int, max_pixels: int, min_side: int) -> None
                                     f"must be at least {min_side}")
 
 
-def _check_size(frame: jp.JpegFrame, max_pixels: int, min_side: int) -> None:
+def _check_decoded(columns: int, rows: int, bands: int, bytes_per_sample: int,
+                   max_decoded_bytes: int) -> None:
+    """Decode memory from a header, before decoding: width x height x bands x bytes per
+    sample. A 700 KB 16-bit PNG of 9000x9900 holds 178 MB of samples per band."""
+    need = columns * rows * bands * bytes_per_sample
+    if need > max_decoded_bytes:
+        raise MediaError(TOO_MANY_PIXELS, f"decoding the image would take {need // 2**20} MiB, "
+                         f"more than the limit of {max_decoded_bytes // 2**20} MiB "
+                         "(media.max_decoded_bytes)")
+
+
+def _check_size(frame: jp.JpegFrame, max_pixels: int, min_side: int,
+                max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> None:
     _check_dims(frame.columns, frame.rows, max_pixels, min_side)
+    _check_decoded(frame.columns, frame.rows, frame.components, 2 if frame.precision > 8 else 1,
+                   max_decoded_bytes)
 
 
 def _photometric(samples: int) -> str:
@@ -388,11 +404,12 @@ def _check_uniform(stddev: float, uniform_stddev: float) -> None:
 
 # -- JPEG ------------------------------------------------------------------------------------
 
-def _check_jpeg(data: bytes, *, max_pixels: int, min_side: int) -> None:
+def _check_jpeg(data: bytes, *, max_pixels: int, min_side: int,
+                max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> None:
     if sniff_content_type(data) != "image/jpeg":
         raise MediaError(TYPE_MISMATCH, "the bytes are not a JPEG image")
     frame = jp.read_headers(data).frame
-    _check_size(frame, max_pixels, min_side)
+    _check_size(frame, max_pixels, min_side, max_decoded_bytes)
     jp.inspect_jpeg(data)
     if frame.precision == 8:  # Pillow (libjpeg-turbo, 8-bit) cross-checks the headers
         _decode(data, max_pixels, load=False)
@@ -419,12 +436,13 @@ def _decode_12bit(data: bytes, components: int) -> Image.Image:
 
 
 def _prepare_jpeg(data: bytes, *, max_pixels: int, min_side: int,
-                  uniform_stddev: float = DEFAULT_UNIFORM_STDDEV) -> PreparedPhoto:
+                  uniform_stddev: float = DEFAULT_UNIFORM_STDDEV,
+                  max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> PreparedPhoto:
     if sniff_content_type(data) != "image/jpeg":
         raise MediaError(TYPE_MISMATCH, "the bytes are not a JPEG image")
     # Headers first: size limits before any scan is read or decoded.
     head = jp.read_headers(data)
-    _check_size(head.frame, max_pixels, min_side)
+    _check_size(head.frame, max_pixels, min_side, max_decoded_bytes)
     info = jp.inspect_jpeg(data)  # whole stream: truncation, EOI, scans
     frame = info.frame
     exif = read_exif(info.exif)
@@ -542,6 +560,24 @@ def _flatten(im: Image.Image, grey: bool) -> Image.Image:
     return base.convert("L") if grey else base
 
 
+# 16-bit modes → Pillow's raw unpacker that keeps each sample's high byte (v >> 8)
+_HIGH_BYTE = {"I;16": "L;16", "I;16L": "L;16", "I;16B": "L;16B",
+              "I;16N": "L;16" if sys.byteorder == "little" else "L;16B"}
+_STRIP_ROWS = 256
+
+
+def _high_bytes(im: Image.Image, rawmode: str) -> Image.Image:
+    """A 16-bit greyscale image as 8-bit (the high byte of each sample), a strip of rows at
+    a time: the extra memory is the 8-bit result and one strip, not a 32-bit copy (a
+    9000x9900 16-bit PNG: +89 MB instead of +700 MB)."""
+    out = Image.new("L", im.size)
+    for top in range(0, im.height, _STRIP_ROWS):
+        box = (0, top, im.width, min(im.height, top + _STRIP_ROWS))
+        strip = im.crop(box)
+        out.paste(Image.frombytes("L", strip.size, strip.tobytes(), "raw", rawmode), box[:2])
+    return out
+
+
 def _to_8bit_rgb_or_l(im: Image.Image, *, grey: bool, reasons: list[str]) -> Image.Image:
     """RGB or L, 8 bits per sample: 16-bit scaled (not clipped), palettes expanded, alpha
     (including tRNS/palette transparency) flattened onto white. `grey`: the source is
@@ -549,10 +585,13 @@ def _to_8bit_rgb_or_l(im: Image.Image, *, grey: bool, reasons: list[str]) -> Ima
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # Pillow's convert("L") clips 16-bit values at 255: scale by 1/256 instead.
-        wide = im.convert("I")
-        out = wide.point(lambda v: v * (1 / 256)).convert("L")
-        reasons.append("16-bit samples reduced to 8 bits")
         trns = im.info.get("transparency")
+        if mode in _HIGH_BYTE and not isinstance(trns, int):
+            out = _high_bytes(im, _HIGH_BYTE[mode])  # no 32-bit copy: 1 byte per pixel more
+        else:
+            wide = im.convert("I")
+            out = wide.point(lambda v: v * (1 / 256)).convert("L")
+        reasons.append("16-bit samples reduced to 8 bits")
         if isinstance(trns, int):  # tRNS: one grey value is fully transparent
             from PIL import ImageMath
 
@@ -617,6 +656,11 @@ class _PngHeader:
     def grey(self) -> bool:
         return self.color_type in (0, 4)
 
+    @property
+    def bands(self) -> int:
+        """Samples per pixel once decoded (a palette expands to RGB)."""
+        return {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}[self.color_type]
+
 
 def _png_header(data: bytes) -> _PngHeader:
     """IHDR (the first chunk, CRC checked): size, bit depth, colour type. Reads 33 bytes."""
@@ -664,17 +708,22 @@ def _png_structure(data: bytes) -> None:
         raise MediaError(TRUNCATED, "PNG data ends before the IEND chunk")
 
 
-def _check_png(data: bytes, *, max_pixels: int, min_side: int) -> None:
+def _check_png(data: bytes, *, max_pixels: int, min_side: int,
+               max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> None:
     if sniff_content_type(data) != "image/png":
         raise MediaError(TYPE_MISMATCH, "the bytes are not a PNG image")
     head = _png_header(data)
     _check_dims(head.columns, head.rows, max_pixels, min_side)
+    _check_decoded(head.columns, head.rows, head.bands, 2 if head.bit_depth == 16 else 1,
+                   max_decoded_bytes)
     _png_structure(data)
 
 
 def _prepare_png(data: bytes, *, max_pixels: int, min_side: int,
-                 uniform_stddev: float = DEFAULT_UNIFORM_STDDEV) -> PreparedPhoto:
-    _check_png(data, max_pixels=max_pixels, min_side=min_side)  # header first: no decode yet
+                 uniform_stddev: float = DEFAULT_UNIFORM_STDDEV,
+                 max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> PreparedPhoto:
+    _check_png(data, max_pixels=max_pixels, min_side=min_side,  # header first: no decode yet
+               max_decoded_bytes=max_decoded_bytes)
     head = _png_header(data)
     im = _decode(data, max_pixels, formats=("PNG",), label="PNG")
     if (im.width, im.height) != (head.columns, head.rows):
@@ -729,13 +778,15 @@ def _webp_header(data: bytes) -> _WebpHeader:
     return _WebpHeader(columns, rows, animated=False)
 
 
-def _check_webp(data: bytes, *, max_pixels: int, min_side: int) -> _WebpHeader:
+def _check_webp(data: bytes, *, max_pixels: int, min_side: int,
+                max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> _WebpHeader:
     if sniff_content_type(data) != "image/webp":
         raise MediaError(TYPE_MISMATCH, "the bytes are not a WebP image")
     head = _webp_header(data)
     if head.animated:
         raise _unsupported("animated WebP is not supported for photos")
     _check_dims(head.columns, head.rows, max_pixels, min_side)
+    _check_decoded(head.columns, head.rows, 4, 1, max_decoded_bytes)  # RGBA at most, 8-bit
     riff_end = 8 + struct.unpack("<I", data[4:8])[0]
     if riff_end > len(data):
         raise MediaError(TRUNCATED, "WebP data ends before the end of its RIFF container")
@@ -743,8 +794,10 @@ def _check_webp(data: bytes, *, max_pixels: int, min_side: int) -> _WebpHeader:
 
 
 def _prepare_webp(data: bytes, *, max_pixels: int, min_side: int,
-                  uniform_stddev: float = DEFAULT_UNIFORM_STDDEV) -> PreparedPhoto:
-    head = _check_webp(data, max_pixels=max_pixels, min_side=min_side)
+                  uniform_stddev: float = DEFAULT_UNIFORM_STDDEV,
+                  max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> PreparedPhoto:
+    head = _check_webp(data, max_pixels=max_pixels, min_side=min_side,
+                       max_decoded_bytes=max_decoded_bytes)
     im = _decode(data, max_pixels, formats=("WEBP",), label="WebP")
     if getattr(im, "n_frames", 1) > 1 or getattr(im, "is_animated", False):
         raise _unsupported("animated WebP is not supported for photos")
@@ -817,10 +870,14 @@ def _open_heif(data: bytes) -> Any:
     return heif
 
 
-def _check_heif_size(heif: Any, max_pixels: int, min_side: int) -> tuple[int, int]:
+def _check_heif_size(heif: Any, max_pixels: int, min_side: int,
+                     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> tuple[int, int]:
     """Our limits from the header, then Pillow's bomb rule as for its own formats."""
     columns, rows = heif.size
     _check_dims(columns, rows, max_pixels, min_side)
+    # decoded to 8 bits per sample (convert_hdr_to_8bit), RGB or RGBA
+    _check_decoded(columns, rows, 4 if getattr(heif, "has_alpha", True) else 3, 1,
+                   max_decoded_bytes)
     with _BombGuard(max_pixels):
         try:
             Image._decompression_bomb_check((columns, rows))  # noqa: SLF001 - Image.open's rule
@@ -829,20 +886,23 @@ def _check_heif_size(heif: Any, max_pixels: int, min_side: int) -> tuple[int, in
     return columns, rows
 
 
-def _check_heif(data: bytes, declared: str, *, max_pixels: int, min_side: int) -> Any:
+def _check_heif(data: bytes, declared: str, *, max_pixels: int, min_side: int,
+                max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> Any:
     _heif_kind(data, declared)
     _heif_boxes(data)
     heif = _open_heif(data)
-    _check_heif_size(heif, max_pixels, min_side)
+    _check_heif_size(heif, max_pixels, min_side, max_decoded_bytes)
     return heif
 
 
 def _prepare_heif(data: bytes, *, declared: str, max_pixels: int, min_side: int,
-                  uniform_stddev: float = DEFAULT_UNIFORM_STDDEV) -> PreparedPhoto:
+                  uniform_stddev: float = DEFAULT_UNIFORM_STDDEV,
+                  max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> PreparedPhoto:
     kind = _heif_kind(data, declared)
     _heif_boxes(data)
     heif = _open_heif(data)
-    columns, rows = _check_heif_size(heif, max_pixels, min_side)  # nothing decoded yet
+    columns, rows = _check_heif_size(heif, max_pixels, min_side,  # nothing decoded yet
+                                     max_decoded_bytes)
     try:
         primary = heif[heif.primary_index]  # never depth, auxiliary or thumbnail images
         info = dict(primary.info)
@@ -894,7 +954,8 @@ def _kind(data: bytes, content_type: str) -> str:
 
 
 def check_photo(data: bytes, content_type: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                min_side: int = 0, uniform_stddev: float = DEFAULT_UNIFORM_STDDEV) -> None:
+                min_side: int = 0, uniform_stddev: float = DEFAULT_UNIFORM_STDDEV,
+                max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> None:
     """The cheap checks run at intake, before 201 (≈1 ms for a 12 MP JPEG): the type is one we
     take, the bytes are of that type (by signature), the header's size is within limits, the
     stream is complete. Nothing is decoded: PNG (IHDR, chunks before IDAT, IEND), WebP
@@ -902,6 +963,8 @@ def check_photo(data: bytes, content_type: str, *, max_pixels: int = DEFAULT_MAX
     libheif's container parse; sequences refused).
 
     max_pixels: width x height above this is too-many-pixels (decompression bombs).
+    max_decoded_bytes: width x height x bands x bytes per sample above this is
+        too-many-pixels too (a small 16-bit PNG can decode to gigabytes).
     min_side: width or height below this is too-small (0: no minimum).
     uniform_stddev: accepted so that callers pass the same limits to both functions, but not
         applied here: the blank-image check needs pixels, so it runs in prepare_photo.
@@ -910,22 +973,28 @@ def check_photo(data: bytes, content_type: str, *, max_pixels: int = DEFAULT_MAX
     kind = _kind(data, content_type)
     data = bytes(data)
     if kind == "image/jpeg":
-        _check_jpeg(data, max_pixels=max_pixels, min_side=min_side)
+        _check_jpeg(data, max_pixels=max_pixels, min_side=min_side,
+                    max_decoded_bytes=max_decoded_bytes)
     elif kind == "image/png":
-        _check_png(data, max_pixels=max_pixels, min_side=min_side)
+        _check_png(data, max_pixels=max_pixels, min_side=min_side,
+                   max_decoded_bytes=max_decoded_bytes)
     elif kind == "image/webp":
-        _check_webp(data, max_pixels=max_pixels, min_side=min_side)
+        _check_webp(data, max_pixels=max_pixels, min_side=min_side,
+                    max_decoded_bytes=max_decoded_bytes)
     else:
-        _check_heif(data, kind, max_pixels=max_pixels, min_side=min_side)
+        _check_heif(data, kind, max_pixels=max_pixels, min_side=min_side,
+                    max_decoded_bytes=max_decoded_bytes)
 
 
 def prepare_photo(data: bytes, content_type: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  min_side: int = 0,
-                  uniform_stddev: float = DEFAULT_UNIFORM_STDDEV) -> PreparedPhoto:
+                  min_side: int = 0, uniform_stddev: float = DEFAULT_UNIFORM_STDDEV,
+                  max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> PreparedPhoto:
     """Check and prepare photo bytes declared as `content_type` for a VL Photographic Image.
 
     max_pixels: width x height above this (from the header, before any decode; Pillow's
         DecompressionBombWarning is an error too) → too-many-pixels.
+    max_decoded_bytes: width x height x bands x bytes per sample above this (from the
+        header, before any decode) → too-many-pixels.
     min_side: width or height below this → too-small (0: no minimum).
     uniform_stddev: after preparing, a luminance standard deviation (0-255 scale, measured on
         a reduced image) below this → uniform-image ("blank or a single colour"); 0 disables.
@@ -939,6 +1008,6 @@ def prepare_photo(data: bytes, content_type: str, *, max_pixels: int = DEFAULT_M
     data = bytes(data)
     if kind in _HEIF_STILL:
         return _prepare_heif(data, declared=kind, max_pixels=max_pixels, min_side=min_side,
-                             uniform_stddev=uniform_stddev)
+                             uniform_stddev=uniform_stddev, max_decoded_bytes=max_decoded_bytes)
     return _PREPARERS[kind](data, max_pixels=max_pixels, min_side=min_side,
-                            uniform_stddev=uniform_stddev)
+                            uniform_stddev=uniform_stddev, max_decoded_bytes=max_decoded_bytes)
