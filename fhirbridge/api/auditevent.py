@@ -4,6 +4,7 @@ trail as FHIR R4 AuditEvent (search parameters of FHIR R4 AuditEvent; scope Audi
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -11,7 +12,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 
 from fhirbridge.api.deps import services_of
 from fhirbridge.api.responses import fhir_response
@@ -28,7 +29,7 @@ except ImportError:  # pragma: no cover - until token auth is part of the build
 router = APIRouter(dependencies=[Depends(_GUARD)])
 
 KNOWN = {"patient", "date", "agent", "entity", "type", "subtype", "outcome", "action",
-         "_count", "_offset"}
+         "_count", "_cursor"}
 MAX_COUNT = 1000
 _PREFIXES = ("ge", "le", "gt", "lt", "eq")
 
@@ -88,7 +89,7 @@ def _where(request: Request) -> list[ColumnElement[bool]]:
         if key not in KNOWN:
             raise FhirError(400, "not-supported", f"unknown search parameter {key[:40]!r}; "
                             f"supported: {', '.join(sorted(KNOWN))}")
-        if key in ("_count", "_offset"):
+        if key in ("_count", "_cursor"):
             continue
         values = [v for v in value.split(",") if v]  # a comma is OR (FHIR search 3.1.1.4)
         if not values:
@@ -126,25 +127,46 @@ def _int_param(request: Request, name: str, default: int) -> int:
     return n
 
 
+def _cursor(request: Request) -> ColumnElement[bool] | None:
+    """The `next` link's position: events older than the last one of the previous page
+    (keyset paging: events recorded meanwhile, such as this search's own, do not shift it)."""
+    raw = request.query_params.get("_cursor")
+    if raw is None:
+        return None
+    try:
+        stamp, _, last_id = base64.urlsafe_b64decode(raw.encode()).decode().partition("|")
+        at = datetime.fromisoformat(stamp)
+    except (ValueError, UnicodeDecodeError):
+        raise FhirError(400, "invalid", "_cursor is not one this server gave",
+                        expression="_cursor") from None
+    col = AuditEventRecord.recorded
+    return or_(col < at, and_(col == at, AuditEventRecord.id < last_id))
+
+
 @router.get("/fhir/AuditEvent")
 def search_audit(request: Request) -> Response:
     where = _where(request)
     count = min(_int_param(request, "_count", 100), MAX_COUNT)
-    offset = _int_param(request, "_offset", 0)
-    q = (select(AuditEventRecord.resource_json).where(*where)
-         .order_by(AuditEventRecord.recorded.desc(), AuditEventRecord.id)
-         .offset(offset).limit(count))
+    after = _cursor(request)
+    q = (select(AuditEventRecord.resource_json, AuditEventRecord.recorded,
+                AuditEventRecord.id)
+         .where(*where, *([after] if after is not None else []))
+         .order_by(AuditEventRecord.recorded.desc(), AuditEventRecord.id.desc())
+         .limit(count + 1))
     with services_of(request).db.session() as s:
         total = s.scalar(select(func.count()).select_from(AuditEventRecord).where(*where)) or 0
-        rows = list(s.scalars(q))
+        rows = list(s.execute(q))
     base = services_of(request).settings.fhir_base_url
-    params = [(k, v) for k, v in request.query_params.multi_items() if k != "_offset"]
+    params = [(k, v) for k, v in request.query_params.multi_items() if k != "_cursor"]
     links = [{"relation": "self", "url": str(request.url)}]
-    if offset + len(rows) < total:
+    if len(rows) > count and count > 0:
+        last = rows[count - 1]
+        token = base64.urlsafe_b64encode(
+            f"{last.recorded.isoformat()}|{last.id}".encode()).decode()
         links.append({"relation": "next", "url": f"{base}/AuditEvent?" + urlencode(
-            params + [("_offset", str(offset + count))])})
+            params + [("_cursor", token)])})
     entries = []
-    for raw in rows:
+    for raw, _, _ in rows[:count]:
         r = json.loads(raw)
         entries.append({"fullUrl": f"{base}/AuditEvent/{r['id']}", "resource": r,
                         "search": {"mode": "match"}})

@@ -190,6 +190,13 @@ class AuditMiddleware:
                 p = patient_entity(patient) if patient else None
                 if p is not None and p not in entities:
                     entities.append(p)
+            first = entities[0] if entities else None
+            if (first is not None and first.reference and scope["path"].startswith("/fhir")
+                    and interaction in ("create", "read", "vread", "update")
+                    and not any(e.kind == "patient" for e in entities)):
+                p = self._patient_of(first.reference)  # e.g. a subject given by identifier
+                if p is not None:
+                    entities.append(p)
         else:
             ref = ""
             if interaction == "create" and 200 <= status < 300:

@@ -83,7 +83,9 @@ def test_held_upload_shows_candidates_and_confirm_continues(svc, twins, orthanc)
     ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(orthanc.find_instances(sop)[0])))
     assert ds.PatientID == ana["identifier"][0]["value"] and str(ds.PatientName) == "Kovač^Ana"
     history = svc.client.get(f"/review/{task['id']}/decisions").json()
-    assert [(h["decision"], h["reviewer"]) for h in history] == [("confirm", "nurse.jones")]
+    # the reviewer is who the credential proves (here: a loopback operator), not the body's
+    assert [(h["decision"], h["reviewer"]) for h in history] == [("confirm",
+                                                                  "loopback@127.0.0.1")]
     assert all(i["focus"] != focus for i in svc.client.get("/review").json())
 
 
