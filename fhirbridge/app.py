@@ -50,6 +50,10 @@ class Metrics:
         self.jobs = Gauge("fhirbridge_jobs", "Jobs by state", ["state"], registry=self.registry)
         self.hl7_messages = Counter("fhirbridge_hl7_messages_total", "HL7 messages by ACK code",
                                     ["ack"], registry=self.registry)
+        self.mllp_refused = Counter("fhirbridge_mllp_connections_refused_total",
+                                    "MLLP connections closed at accept, by reason "
+                                    "(peer: not in allowed_peers, limit: max_connections)",
+                                    ["reason"], registry=self.registry)
 
 
 @dataclass
@@ -114,9 +118,14 @@ def build_services(settings: Settings) -> Services:
     wado = settings.pacs.wado_rs_url
     if not wado and settings.pacs.url.startswith(("http://", "https://")):
         wado = settings.pacs.url  # DICOMweb: WADO-RS lives at the same base as STOW-RS
-    pacs = open_pacs(settings.pacs.url, ae_title=settings.pacs.ae_title, wado_rs_url=wado,
-                     timeout=settings.pacs.timeout_seconds, max_pdu=settings.pacs.max_pdu,
-                     correction=settings.pacs.correction, orthanc_url=settings.pacs.orthanc_url)
+    ps = settings.pacs
+    pacs = open_pacs(ps.url, ae_title=ps.ae_title, wado_rs_url=wado,
+                     timeout=ps.timeout_seconds, max_pdu=ps.max_pdu,
+                     correction=ps.correction, orthanc_url=ps.orthanc_url,
+                     tls_ca_file=ps.tls_ca_file, tls_cert_file=ps.tls_cert_file,
+                     tls_key_file=ps.tls_key_file, username=ps.username, password=ps.password,
+                     bearer_token=ps.bearer_token, orthanc_username=ps.orthanc_username,
+                     orthanc_password=ps.orthanc_password)
     # one credentials object for the EHR (none / bearer / SMART Backend Services), shared by
     # the FHIR client and the attachment fetcher; a wrong [ehr] set-up stops start-up here
     ehr_auth = build_ehr_auth(settings.ehr)
@@ -263,16 +272,23 @@ async def start_mllp(services: Services) -> Any:
     message) and acknowledged AA only after that commit has returned."""
     from fhirbridge.hl7 import MLLPServer
     from fhirbridge.pipeline.adt_feed import AdtFeed, GroupCommitter
+    from fhirbridge.tls import optional_server_context
 
     feed = AdtFeed(services.db, services.index, services.settings.identifier_domains,
                    audit=services.audit)
-    writer = GroupCommitter(feed, max_batch=64).start()
     m = services.settings.mllp
-    server = MLLPServer(writer.submit, max_message_bytes=m.max_message_bytes,
-                        idle_timeout=m.idle_timeout_seconds,
-                        on_ack=lambda code: services.metrics.hl7_messages.labels(ack=code).inc(),
-                        on_stop=writer.close)
+    # TLS only when both files are set; a wrong TLS setting stops start-up (fhirbridge.tls)
+    tls_context = optional_server_context(m.tls_cert_file, m.tls_key_file,
+                                          client_ca_file=m.tls_client_ca_file, setting="mllp")
+    writer = GroupCommitter(feed, max_batch=64).start()
     try:
+        server = MLLPServer(
+            writer.submit, max_message_bytes=m.max_message_bytes,
+            idle_timeout=m.idle_timeout_seconds,
+            on_ack=lambda code: services.metrics.hl7_messages.labels(ack=code).inc(),
+            on_stop=writer.close, ssl_context=tls_context, allowed_peers=m.allowed_peers,
+            max_connections=m.max_connections,
+            on_refused=lambda reason: services.metrics.mllp_refused.labels(reason=reason).inc())
         await server.start(m.host, m.port)
     except BaseException:
         writer.close()

@@ -67,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # pydantic errors name the key; they carry no PHI
         print(f"fhirbridge: configuration error: {exc}", file=sys.stderr)
         return 2
+    from fhirbridge.adapters.pacs import PacsConfigError
     from fhirbridge.adapters.smart_backend import EhrAuthConfigError
+    from fhirbridge.tls import TlsConfigError
 
     try:
         services = build_services(settings)
-    except EhrAuthConfigError as exc:  # names the [ehr] key; no secret, no path
+    except (EhrAuthConfigError, PacsConfigError, TlsConfigError) as exc:  # names the key only
         print(f"fhirbridge: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
@@ -81,6 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         from fhirbridge.config import protections_summary
 
         log.info("%s", protections_summary(settings))
+        # HTTPS only when both [http] tls_* files are set (uvicorn loads them; checked here
+        # first so a wrong file stops start-up with a message, as [mllp] tls_* do)
+        from fhirbridge.tls import optional_server_context
+
+        try:
+            https = optional_server_context(settings.http.tls_cert_file,
+                                            settings.http.tls_key_file,
+                                            setting="http") is not None
+            m = settings.mllp
+            optional_server_context(m.tls_cert_file, m.tls_key_file,
+                                    client_ca_file=m.tls_client_ca_file, setting="mllp")
+        except TlsConfigError as exc:
+            print(f"fhirbridge: configuration error: {exc}", file=sys.stderr)
+            services.close()
+            return 2
         # The pipeline runs in `worker_processes` child processes (outside the GIL of the
         # process that answers HTTP and MLLP), or as threads here when that is 0.
         children = WorkerProcesses(
@@ -94,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         # log_config=None: uvicorn logs through our root handler, whose filter drops
         # tracebacks (an exception's text may quote request values).
         http = settings.http
+        log.info("HTTP listening on %s:%d, TLS %s", http.host, http.port,
+                 "on (HTTPS only)" if https else "off")
+        tls_files = ({"ssl_certfile": http.tls_cert_file, "ssl_keyfile": http.tls_key_file}
+                     if https else {})
         try:
             uvicorn.run(_answered(app), host=http.host, port=http.port, log_level="info",
                         access_log=False, log_config=None,
                         http=h11_with_header_timeout(http.request_timeout_seconds),
                         timeout_keep_alive=5,
-                        limit_concurrency=2 * http.max_concurrent_requests + 16)
+                        limit_concurrency=2 * http.max_concurrent_requests + 16, **tls_files)
         finally:  # also when the port cannot be bound (uvicorn exits)
             children.stop()
             services.close()

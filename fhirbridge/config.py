@@ -228,7 +228,8 @@ class Settings(BaseSettings):
     def fhir_base_url(self) -> str:
         if self.public_base_url:
             return self.public_base_url.rstrip("/")
-        return f"http://{self.http.host}:{self.http.port}/fhir"
+        scheme = "https" if self.http.tls_cert_file and self.http.tls_key_file else "http"
+        return f"{scheme}://{self.http.host}:{self.http.port}/fhir"
 
     @classmethod
     def settings_customise_sources(

@@ -1,7 +1,9 @@
 """The PACS adapter: one interface, `store(datasets)`, three transports chosen by URL.
 
-`dicom://AET@host:port` → DIMSE C-STORE (PS3.4 B, PS3.7 9.1.1) with pynetdicom;
-`http(s)://…/dicom-web` → STOW-RS (PS3.18 10.5) with httpx; `file:///dir` → a folder.
+`dicom://AET@host:port` → DIMSE C-STORE (PS3.4 B, PS3.7 9.1.1) with pynetdicom, and
+`dicom+tls://AET@host:port` the same over TLS (PS3.15 B.1, Basic TLS Secure Transport
+Connection Profile); `http(s)://…/dicom-web` → STOW-RS (PS3.18 10.5) with httpx, with basic
+or bearer credentials; `file:///dir` → a folder.
 "Already stored" counts as success, so every store can be retried.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import ssl
 import threading
 import time
 import uuid
@@ -24,6 +27,7 @@ from pynetdicom.association import Association
 
 from fhirbridge.adapters.blobs import write_durably
 from fhirbridge.dicom.io import write_dataset
+from fhirbridge.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,10 @@ class PacsError(Exception):
     def __init__(self, text: str, *, retryable: bool = True) -> None:
         super().__init__(text)
         self.retryable = retryable
+
+
+class PacsConfigError(ValueError):
+    """A [pacs] setting cannot work (or would be silently ignored); names the key only."""
 
 
 class Pacs(Protocol):
@@ -67,10 +75,15 @@ class DimsePacs:
 
     def __init__(self, url: str, *, ae_title: str, max_pdu: int = 131072,
                  timeout: float = 30.0, wado_rs_url: str = "",
-                 idle_release_seconds: float = 10.0) -> None:
+                 idle_release_seconds: float = 10.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         u = urlparse(url)
         if not u.hostname or not u.port:
-            raise ValueError("pacs.url must be dicom://CALLED_AET@host:port")
+            raise ValueError("pacs.url must be dicom[+tls]://CALLED_AET@host:port")
+        if (u.scheme == "dicom+tls") != (tls is not None):
+            raise ValueError("dicom+tls:// needs a TLS context, and only dicom+tls:// takes one")
+        # PS3.15 B.1: every association with this PACS runs over TLS; nothing in clear
+        self.tls = tls
         self.called_aet = unquote(u.username or "ANY-SCP")
         self.host, self.port = u.hostname, u.port
         self.ae_title = ae_title
@@ -102,16 +115,29 @@ class DimsePacs:
         if assoc is not None and assoc.is_established:
             assoc.release()
         want = contexts | have  # keep earlier contexts so mixed batches reuse one association
-        assoc = self._ae(want).associate(self.host, self.port, ae_title=self.called_aet)
+        assoc = self.associate(self._ae(want))
         if not assoc.is_established:
             self._shared.assoc = None
-            raise PacsError("PACS refused or did not answer the association request")
+            raise PacsError(self.refused_text())
         self._shared.assoc, self._shared.contexts = assoc, want
         if self._janitor is None:
             self._janitor = threading.Thread(target=self._release_when_idle,
                                              name="pacs-idle-release", daemon=True)
             self._janitor.start()
         return assoc
+
+    def associate(self, ae: AE, **kwargs: object) -> Association:
+        """Request an association with the PACS; over TLS for dicom+tls:// (the server's
+        certificate checked against pacs.tls_ca_file and its name against the host)."""
+        tls_args = (self.tls, self.host) if self.tls is not None else None
+        return ae.associate(self.host, self.port, ae_title=self.called_aet,
+                            tls_args=tls_args, **kwargs)  # type: ignore[arg-type]
+
+    def refused_text(self) -> str:
+        if self.tls is not None:
+            return ("PACS refused or did not answer the association request over TLS "
+                    "(is its certificate signed by pacs.tls_ca_file, and ours accepted?)")
+        return "PACS refused or did not answer the association request"
 
     def _release_when_idle(self) -> None:
         """Runs while an association is open; releases it once no C-STORE used it for
@@ -186,7 +212,7 @@ class DimsePacs:
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.network_timeout = 5
         ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class, PS3.4 A
-        assoc = ae.associate(self.host, self.port, ae_title=self.called_aet)
+        assoc = self.associate(ae)
         if not assoc.is_established:
             return False
         try:
@@ -214,10 +240,12 @@ class StowRsPacs:
     """STOW-RS: POST multipart/related; type="application/dicom" to {base}/studies."""
 
     def __init__(self, base_url: str, *, timeout: float = 30.0, wado_rs_url: str = "",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, auth: httpx.Auth | None = None,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.base = base_url.rstrip("/")
         self._wado = (wado_rs_url or self.base).rstrip("/")
-        self.client = httpx.Client(timeout=timeout, headers=headers or {})
+        self.client = httpx.Client(timeout=timeout, headers=headers or {}, auth=auth,
+                                   verify=verify)
 
     @property
     def wado_rs_url(self) -> str:
@@ -251,6 +279,8 @@ class StowRsPacs:
         if r.status_code == 409:
             raise PacsError("STOW-RS conflict (409): the PACS holds different data for a UID",
                             retryable=False)
+        if r.status_code in (401, 403):
+            raise _credentials_refused("STOW-RS", r.status_code)
         raise PacsError(f"STOW-RS answered HTTP {r.status_code}",
                         retryable=r.status_code >= 500 or r.status_code == 429)
 
@@ -269,6 +299,8 @@ class StowRsPacs:
             raise PacsError(f"WADO-RS request failed: {type(exc).__name__}") from exc
         if r.status_code == 404:
             return None
+        if r.status_code in (401, 403):
+            raise _credentials_refused("WADO-RS", r.status_code)
         if r.status_code != 200:
             raise PacsError(f"WADO-RS answered HTTP {r.status_code}",
                             retryable=r.status_code >= 500 or r.status_code == 429)
@@ -284,6 +316,25 @@ class StowRsPacs:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _credentials_refused(what: str, status: int) -> PacsError:
+    """401/403 (RFC 9110 15.5.2/15.5.4): our credentials are wrong or not allowed. Trying
+    again with the same ones cannot help: the job fails at once, with a reason an operator
+    can act on (then "Retry" once the settings are fixed)."""
+    return PacsError(f"the PACS refused our credentials ({what}, HTTP {status}): check "
+                     "pacs.username/password or pacs.bearer_token", retryable=False)
+
+
+class BearerAuth(httpx.Auth):
+    """`Authorization: Bearer <token>` (RFC 6750 2.1) on every request."""
+
+    def __init__(self, token: str) -> None:
+        self._header = f"Bearer {token}"
+
+    def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
+        request.headers["Authorization"] = self._header
+        yield request
 
 
 def _stow_failed_sop_sequence(r: httpx.Response) -> list[object]:
@@ -344,9 +395,11 @@ class OrthancCorrections:
     copy of the same SOP Instance UID filed under another PatientID (Orthanc REST API)."""
 
     def __init__(self, pacs: Pacs, rest_url: str, *, timeout: float = 30.0,
-                 auth: tuple[str, str] | None = None) -> None:
+                 auth: httpx.Auth | tuple[str, str] | None = None,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.pacs = pacs
-        self.rest = httpx.Client(base_url=rest_url.rstrip("/"), timeout=timeout, auth=auth)
+        self.rest = httpx.Client(base_url=rest_url.rstrip("/"), timeout=timeout, auth=auth,
+                                 verify=verify)
 
     @property
     def wado_rs_url(self) -> str:
@@ -368,6 +421,11 @@ class OrthancCorrections:
                     pid.raise_for_status()
                     if pid.json().get("PatientID", "") != str(ds.PatientID):
                         self.rest.delete(f"/instances/{inst['ID']}").raise_for_status()
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code in (401, 403):
+                    raise _credentials_refused("Orthanc REST",
+                                               exc.response.status_code) from exc
+                raise PacsError(f"Orthanc correction failed: {type(exc).__name__}") from exc
             except httpx.HTTPError as exc:
                 raise PacsError(f"Orthanc correction failed: {type(exc).__name__}") from exc
 
@@ -445,8 +503,7 @@ def _c_get(pacs: DimsePacs, study_uid: str, series_uid: str, sop_uid: str) -> Da
         for syntax in _BUILT_TRANSFER_SYNTAXES:  # object as stored, not transcoded
             ae.add_requested_context(sop_class, [syntax])
     roles = [build_role(c, scp_role=True) for c in _BUILT_SOP_CLASSES]
-    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.called_aet, ext_neg=roles,
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = pacs.associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     if not assoc.is_established:
         raise PacsError("PACS refused or did not answer the C-GET association request")
     query = Dataset()
@@ -464,33 +521,75 @@ def _c_get(pacs: DimsePacs, study_uid: str, series_uid: str, sop_uid: str) -> Da
 
 def open_pacs(url: str, *, ae_title: str = "FHIRBRIDGE", wado_rs_url: str = "",
               timeout: float = 30.0, max_pdu: int = 131072, correction: str = "resend",
-              orthanc_url: str = "") -> Pacs:
+              orthanc_url: str = "", tls_ca_file: str = "", tls_cert_file: str = "",
+              tls_key_file: str = "", username: str = "", password: str = "",
+              bearer_token: str = "", orthanc_username: str = "",
+              orthanc_password: str = "") -> Pacs:
     """The PACS named by `url`; `correction` says how re-identified objects reach it:
     "resend" (same UIDs; PACSs keyed on SOP Instance UID) or "orthanc" (resend, then delete
-    the copy left under the old PatientID through Orthanc's REST API at `orthanc_url`)."""
-    pacs = _open_transport(url, ae_title=ae_title, wado_rs_url=wado_rs_url, timeout=timeout,
-                           max_pdu=max_pdu)
+    the copy left under the old PatientID through Orthanc's REST API at `orthanc_url`).
+
+    `tls_*` apply to dicom+tls:// and https:// (the PACS's CA, empty = the system's trust
+    store; our client certificate); `username`/`password` (basic) or `bearer_token` to
+    STOW-RS; `orthanc_username`/`orthanc_password` (empty = `username`/`password`) to the
+    Orthanc REST correction. A setting that would be ignored stops start-up instead."""
+    scheme = urlparse(url).scheme
+    tls_wanted = bool(tls_ca_file or tls_cert_file or tls_key_file)
+    secure = scheme in ("dicom+tls", "https") or (
+        correction == "orthanc" and orthanc_url.startswith("https://"))
+    if tls_wanted and not secure:
+        raise PacsConfigError("pacs.tls_* are set but nothing uses TLS: use a dicom+tls:// "
+                              "or https:// pacs.url (or an https:// pacs.orthanc_url)")
+    if bearer_token and (username or password):
+        raise PacsConfigError("set either pacs.username/password or pacs.bearer_token, "
+                              "not both")
+    if password and not username:
+        raise PacsConfigError("pacs.password needs pacs.username")
+    if bearer_token and scheme not in ("http", "https"):
+        raise PacsConfigError("pacs.bearer_token applies to STOW-RS (http(s):// pacs.url) "
+                              "only")
+    if username and scheme not in ("http", "https") and correction != "orthanc":
+        raise PacsConfigError("pacs.username/password apply to STOW-RS (http(s):// pacs.url) "
+                              'and the Orthanc REST correction (correction = "orthanc") only')
+    tls = (client_context(ca_file=tls_ca_file, cert_file=tls_cert_file,
+                          key_file=tls_key_file, setting="pacs") if tls_wanted else None)
+    auth: httpx.Auth | None = None
+    if scheme in ("http", "https"):
+        auth = (BearerAuth(bearer_token) if bearer_token else
+                httpx.BasicAuth(username, password) if username else None)
+    if auth is not None and scheme == "http":
+        log.warning("PACS credentials are sent over plain http:// (use https://)")
+    if scheme == "dicom+tls":
+        pacs: Pacs = DimsePacs(url, ae_title=ae_title, max_pdu=max_pdu, timeout=timeout,
+                               wado_rs_url=wado_rs_url,
+                               tls=tls or client_context(setting="pacs"))
+    elif scheme == "dicom":
+        pacs = DimsePacs(url, ae_title=ae_title, max_pdu=max_pdu, timeout=timeout,
+                         wado_rs_url=wado_rs_url)
+    elif scheme in ("http", "https"):
+        pacs = StowRsPacs(url, timeout=timeout, wado_rs_url=wado_rs_url, auth=auth,
+                          verify=tls if tls is not None and scheme == "https" else True)
+    elif scheme == "file":
+        pacs = FolderPacs(url, wado_rs_url=wado_rs_url)
+    else:
+        raise ValueError(f"unsupported pacs.url scheme: {scheme!r}")
+    log.info("PACS: %s, TLS %s%s", {"dicom+tls": "DIMSE C-STORE", "dicom": "DIMSE C-STORE",
+                                    "http": "STOW-RS", "https": "STOW-RS"}.get(scheme, "folder"),
+             "on" if scheme in ("dicom+tls", "https") else "off",
+             ", with credentials" if auth is not None else "")
     if correction == "orthanc":
         if not orthanc_url:
             raise ValueError('pacs.correction = "orthanc" needs pacs.orthanc_url')
-        return OrthancCorrections(pacs, orthanc_url, timeout=timeout)
+        o_user, o_password = orthanc_username or username, orthanc_password or (
+            password if not orthanc_username else "")
+        return OrthancCorrections(
+            pacs, orthanc_url, timeout=timeout,
+            auth=httpx.BasicAuth(o_user, o_password) if o_user else None,
+            verify=tls if tls is not None and orthanc_url.startswith("https://") else True)
     if correction != "resend":
         raise ValueError(f"unsupported pacs.correction: {correction!r}")
     return pacs
 
 
-def _open_transport(url: str, *, ae_title: str, wado_rs_url: str, timeout: float,
-                    max_pdu: int) -> Pacs:
-    scheme = urlparse(url).scheme
-    if scheme == "dicom":
-        return DimsePacs(url, ae_title=ae_title, max_pdu=max_pdu, timeout=timeout,
-                         wado_rs_url=wado_rs_url)
-    if scheme in ("http", "https"):
-        return StowRsPacs(url, timeout=timeout, wado_rs_url=wado_rs_url)
-    if scheme == "file":
-        return FolderPacs(url, wado_rs_url=wado_rs_url)
-    raise ValueError(f"unsupported pacs.url scheme: {scheme!r}")
-
-
-__all__ = ["DimsePacs", "FolderPacs", "OrthancCorrections", "Pacs", "PacsError", "StowRsPacs",
-           "open_pacs"]
+__all__ = ["BearerAuth", "DimsePacs", "FolderPacs", "OrthancCorrections", "Pacs",
+           "PacsConfigError", "PacsError", "StowRsPacs", "open_pacs"]
