@@ -34,6 +34,7 @@ OPERATOR_SCOPE = "fhirbridge/operator"
 REFETCH_SECONDS = 10.0  # an unknown kid re-reads the JWKS at most this often (flood guard)
 FAILED_FETCH_SECONDS = 5.0  # after the JWKS could not be read, 503 for this long, no re-try
 JWKS_TIMEOUT = 5.0
+FAILED_METADATA_SECONDS = 30.0  # the issuer's configuration unreadable: not re-asked sooner
 _PATIENT_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR R4 id
 
 
@@ -336,7 +337,8 @@ class TokenVerifier:
         """The issuer's own SMART or OpenID configuration (cached); {} when unreadable."""
         now = time.monotonic()
         cached = self._metadata
-        if cached is not None and now - cached[0] < self._cache_seconds:
+        if cached is not None and now - cached[0] < (self._cache_seconds if cached[1]
+                                                     else FAILED_METADATA_SECONDS):
             return cached[1]
         base = self.issuer.rstrip("/")
         for path in ("/.well-known/smart-configuration", "/.well-known/openid-configuration"):
@@ -349,6 +351,7 @@ class TokenVerifier:
             if isinstance(doc, dict) and isinstance(doc.get("token_endpoint"), str):
                 self._metadata = (now, doc)
                 return doc
+        self._metadata = (now, {})  # unreadable: asked again after FAILED_METADATA_SECONDS
         return {}
 
 

@@ -132,3 +132,30 @@ def test_unreachable_jwks_is_unavailable_not_invalid(idp: IdentityProvider) -> N
                       jwks_url="http://127.0.0.1:9/.well-known/jwks.json")
     with pytest.raises(JwksUnavailable):
         v.verify(idp.mint(audience=AUD))
+
+
+def test_unreachable_jwks_answers_503_through_the_app(idp: IdentityProvider,
+                                                      tmp_path_factory: pytest.TempPathFactory
+                                                      ) -> None:
+    """A request with a token while the issuer's keys cannot be read: 503 + Retry-After and
+    an OperationOutcome, not 401 and not 500; without a token it is still 401."""
+    from fastapi.testclient import TestClient
+
+    from fhirbridge.app import build_services, create_app
+    from fhirbridge.config import load_settings
+
+    settings = load_settings(data_dir=tmp_path_factory.mktemp("jwks-down"))
+    settings.auth.issuer = idp.issuer
+    settings.auth.jwks_url = "http://127.0.0.1:9/.well-known/jwks.json"
+    services = build_services(settings)
+    try:
+        with TestClient(create_app(services, workers=0, mllp=False)) as client:
+            t = idp.mint("system/Task.rs", audience=settings.fhir_base_url)
+            r = client.get("/fhir/Task", headers={"Authorization": f"Bearer {t}"})
+            assert r.status_code == 503, r.text
+            assert r.headers["Retry-After"] and r.json()["resourceType"] == "OperationOutcome"
+            r = client.get("/fhir/Task")
+            assert r.status_code == 401
+            assert r.headers["WWW-Authenticate"] == 'Bearer realm="fhirbridge"'
+    finally:
+        services.close()
