@@ -266,14 +266,6 @@ class AttachmentFetcher:
         except _Refuse:
             return False
 
-    def points_into_ehr(self, url: str) -> bool:
-        """Whether the URL, as given, reads from the EHR (a `Binary/{id}` not held here, or an
-        absolute URL under the EHR base): its content must be shown to be the patient's."""
-        m = _LOCAL_BINARY.match(url)
-        if m:
-            return self.ehr is not None and self.resolve_local(m.group(1)) is None
-        return self.ehr_scope is not None and self.ehr_scope.covers(url)
-
     def _allowed(self, u: _Url) -> bool:
         return any(u.under(p) for p in self.allowed)
 
@@ -394,7 +386,8 @@ class AttachmentFetcher:
             return False
         if ref.startswith("Patient/"):
             return ref == patient_ref
-        owner_url = normalise_url(f"{self.ehr_scope.base.text}/{ref}")  # type: ignore[union-attr]
+        assert self.ehr_scope is not None
+        owner_url = normalise_url(f"{self.ehr_scope.base.text}/{ref}")
         headers = {"Accept": "application/fhir+json", "Accept-Encoding": "identity"}
         with self._stream(owner_url, headers, self.auth) as r:
             if r.status_code in (404, 410) or r.is_redirect:

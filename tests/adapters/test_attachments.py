@@ -545,11 +545,3 @@ def test_ehr_redirect_to_another_ehr_binary_is_checked_again(fetcher, ehr, blobs
     ehr.routes["/fhir/Binary/hop2"] = binary_json()
     assert stored(blobs, fetcher.fetch_to_blob("Binary/hop1", blobs, PATIENT).blob_path) == JPEG
 
-
-def test_points_into_ehr(fetcher, ehr, files, blobs, local):
-    rel, digest = blobs.put(JPEG)
-    local["mine"] = LocalBinary(rel, "image/jpeg", digest, len(JPEG))
-    assert fetcher.points_into_ehr("Binary/theirs")
-    assert not fetcher.points_into_ehr("Binary/mine")
-    assert fetcher.points_into_ehr(f"{ehr.base}/fhir/Binary/x")
-    assert not fetcher.points_into_ehr(f"{files.base}/files/x.jpg")
