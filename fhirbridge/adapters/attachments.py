@@ -390,7 +390,9 @@ class AttachmentFetcher:
         owner_url = normalise_url(f"{self.ehr_scope.base.text}/{ref}")
         headers = {"Accept": "application/fhir+json", "Accept-Encoding": "identity"}
         with self._stream(owner_url, headers, self.auth) as r:
-            if r.status_code in (404, 410) or r.is_redirect:
+            # not there, or not ours to read (a scope without e.g. DocumentReference.r): the
+            # owner is not shown, so neither is the patient
+            if r.status_code in (401, 403, 404, 410) or r.is_redirect:
                 return False
             _check_status(r.status_code)
             owner = self._read_json(_until(r.iter_bytes(), deadline), MAX_OWNER_JSON_BYTES)

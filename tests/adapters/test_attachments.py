@@ -491,6 +491,10 @@ def test_owning_resource_missing_or_another(fetcher, ehr, blobs):
     ehr.routes["/fhir/Binary/cd4"] = binary_json(context="DocumentReference/gone")
     with pytest.raises(AttachmentNotPatients):
         fetcher.fetch_to_blob("Binary/cd4", blobs, PATIENT)
+    ehr.routes["/fhir/DocumentReference/d4"] = send(403, b"{}", "application/fhir+json")
+    ehr.routes["/fhir/Binary/cd4"] = binary_json(context="DocumentReference/d4")  # not our scope
+    with pytest.raises(AttachmentNotPatients):
+        fetcher.fetch_to_blob("Binary/cd4", blobs, PATIENT)
     ehr.routes["/fhir/DocumentReference/d5"] = doc_ref("other-id", PATIENT)  # not what was asked
     ehr.routes["/fhir/Binary/cd5"] = binary_json(context="DocumentReference/d5")
     with pytest.raises(AttachmentNotPatients):
