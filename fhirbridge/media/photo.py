@@ -53,7 +53,8 @@ from fhirbridge.media.errors import (
 from fhirbridge.media.sniff import content_type_matches, normalize_content_type, sniff_content_type
 
 __all__ = ["ExifInfo", "PreparedPhoto", "prepare_photo", "check_photo", "read_exif",
-           "DEFAULT_MAX_DECODED_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_UNIFORM_STDDEV", "JPEG_QUALITY", "SUPPORTED_TYPES"]
+           "DEFAULT_MAX_DECODED_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_UNIFORM_STDDEV",
+           "JPEG_QUALITY", "SUPPORTED_TYPES"]
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's MAX_IMAGE_PIXELS default
 DEFAULT_MAX_DECODED_BYTES = 512 * 1024 * 1024  # media.max_decoded_bytes
