@@ -7,26 +7,20 @@ from __future__ import annotations
 import base64
 import json
 from datetime import datetime, timedelta, timezone
-from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from sqlalchemy import ColumnElement, and_, func, or_, select
 
+from fhirbridge.api.auth import require_scope
 from fhirbridge.api.deps import services_of
 from fhirbridge.api.responses import fhir_response
 from fhirbridge.fhir.outcome import FhirError
 from fhirbridge.store.models import AuditEventRecord
 
-try:  # SMART scopes (fhirbridge.api.auth); without it, operators only (admin token/loopback)
-    from fhirbridge.api.auth import require_scope
-
-    _GUARD: Any = require_scope("AuditEvent", "rs")
-except ImportError:  # pragma: no cover - until token auth is part of the build
-    from fhirbridge.api.deps import require_operator as _GUARD
-
-router = APIRouter(dependencies=[Depends(_GUARD)])
+# SMART scope system/AuditEvent.rs (without [auth]: loopback clients, like all of /fhir)
+router = APIRouter(dependencies=[Depends(require_scope("AuditEvent", "rs"))])
 
 KNOWN = {"patient", "date", "agent", "entity", "type", "subtype", "outcome", "action",
          "_count", "_cursor"}

@@ -20,7 +20,12 @@ import pytest
 
 from tests.audit.test_syslog import HEADER, Collector
 from tests.integration.test_identity_feed import adt, send
-from tests.integration.test_photo_end_to_end import MRN_SYSTEM, media_for, unique_photo, with_photo
+from tests.integration.test_photo_end_to_end import (
+    MRN_SYSTEM,
+    media_for,
+    unique_photo,
+    with_photo,
+)
 from tests.support.idp import IdentityProvider
 from tests.support.service import FhirbridgeService
 from tests.support.tls import TestCA
@@ -269,3 +274,21 @@ def test_syslog_collector_gets_each_event(svc, idp, story, collector):
         pri, body = got[e["id"]]
         assert body == e
         assert pri == {"0": 85, "4": 84, "8": 83}[e["outcome"]]
+
+
+def test_no_answer_without_its_audit_record(tmp_path):
+    """When the audit row cannot be written, the client gets 503, not the answer."""
+    import sqlite3
+
+    service = FhirbridgeService(tmp_path / "fb").start()
+    try:
+        assert service.client.get("/fhir/Task").status_code == 200
+        with sqlite3.connect(service.data_dir / "fhirbridge.db") as db:
+            db.execute("DROP TABLE audit_event")  # the audit trail breaks
+        r = service.client.get("/fhir/Task")
+        assert r.status_code == 503
+        assert r.json()["resourceType"] == "OperationOutcome"
+        assert "audit" in r.json()["issue"][0]["diagnostics"]
+        assert "Traceback" not in service.log_text()
+    finally:
+        service.stop()
