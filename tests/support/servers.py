@@ -136,13 +136,25 @@ class OrthancServer(_Process):
     """Orthanc 1.10 with the DICOMweb plugin, started by the constructor on free loopback ports.
 
     Attributes: workdir, name, aet, http_port, dicom_port, http_url, dicom_url
-    ("dicom://ORTHANC@127.0.0.1:PORT"), dicomweb_url ("http://127.0.0.1:PORT/dicom-web"),
-    config_path, log_path, client (httpx.Client on http_url).
+    ("dicom://ORTHANC@127.0.0.1:PORT", "dicom+tls://…" with DICOM TLS), dicomweb_url
+    ("http://127.0.0.1:PORT/dicom-web"), config_path, log_path, client (httpx.Client on
+    http_url, with the credentials when `users` is given).
+
+    Options (additive): `users` {name: password} turns on HTTP basic authentication
+    (`AuthenticationEnabled` + `RegisteredUsers`); `dicom_tls` = (certificate, private key,
+    trusted CA bundle) PEM paths makes the DICOM port TLS only (`DicomTlsEnabled`), with
+    `dicom_tls_client_required` (`DicomTlsRemoteCertificateRequired`, default true).
     """
 
     def __init__(self, workdir: Path | str | None = None, *, aet: str = "ORTHANC",
-                 calling_aet: str = "FHIRBRIDGE", timeout: float = 30.0) -> None:
+                 calling_aet: str = "FHIRBRIDGE", timeout: float = 30.0,
+                 users: dict[str, str] | None = None,
+                 dicom_tls: tuple[Path | str, Path | str, Path | str] | None = None,
+                 dicom_tls_client_required: bool = True) -> None:
         require_tools()
+        self.users = dict(users or {})
+        self.dicom_tls = dicom_tls
+        self.dicom_tls_client_required = dicom_tls_client_required
         self.workdir = self._init_workdir(workdir, "orthanc-")
         self.name = f"fhirbridge-test-{secrets.token_hex(6)}"
         self.aet = aet
@@ -156,7 +168,8 @@ class OrthancServer(_Process):
             self._write_config()
             self._spawn([ORTHANC, f"--logfile={self.log_path}", str(self.config_path)],
                         self.log_path, cwd=self.workdir, env={**os.environ, "TCP_NODELAY": "1"})
-            self.client = httpx.Client(base_url=self.http_url, timeout=60)
+            auth = (httpx.BasicAuth(*next(iter(self.users.items()))) if self.users else None)
+            self.client = httpx.Client(base_url=self.http_url, timeout=60, auth=auth)
             try:
                 self._wait_ready(timeout)
                 return
@@ -176,7 +189,8 @@ class OrthancServer(_Process):
 
     @property
     def dicom_url(self) -> str:
-        return f"dicom://{self.aet}@127.0.0.1:{self.dicom_port}"
+        scheme = "dicom+tls" if self.dicom_tls else "dicom"
+        return f"{scheme}://{self.aet}@127.0.0.1:{self.dicom_port}"
 
     # --- life cycle --------------------------------------------------------------------
     def _write_config(self) -> None:
@@ -200,6 +214,16 @@ class OrthancServer(_Process):
             "Plugins": [DICOMWEB_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
+        if self.users:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = self.users
+        if self.dicom_tls:
+            cert, key, trusted = self.dicom_tls
+            config.update({"DicomTlsEnabled": True, "DicomTlsCertificate": str(cert),
+                           "DicomTlsPrivateKey": str(key),
+                           "DicomTlsTrustedCertificates": str(trusted),
+                           "DicomTlsRemoteCertificateRequired":
+                               self.dicom_tls_client_required})
         self.config_path.write_text(json.dumps(config, indent=2))
 
     def _wait_ready(self, timeout: float) -> None:
