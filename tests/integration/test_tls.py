@@ -5,7 +5,6 @@ required), and STOW-RS into an Orthanc that requires HTTP basic authentication."
 from __future__ import annotations
 
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -245,3 +244,65 @@ def test_tls_settings_that_would_be_ignored_stop_start_up(tmp_path: Path,
     svc.stop()
     assert "configuration error" in svc.log_text()
     assert "Traceback" not in svc.log_text()
+
+
+def test_orthanc_rest_correction_uses_its_own_credentials(auth_orthanc: OrthancServer,
+                                                         tmp_path: Path) -> None:
+    """correction = "orthanc": the REST client authenticates with orthanc_username/password
+    (a PACS reached by STOW-RS with other credentials); wrong ones are named as such."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality = "TLS-REST-1", "OT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    common = {"correction": "orthanc", "orthanc_url": auth_orthanc.http_url,
+              "username": "fhirbridge", "password": ORTHANC_PASSWORD}
+    pacs = open_pacs(auth_orthanc.dicomweb_url, **common)
+    try:
+        pacs.store([ds])
+        got = pacs.retrieve(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        assert got is not None and got.SOPInstanceUID == ds.SOPInstanceUID
+    finally:
+        pacs.close()
+    wrong = open_pacs(auth_orthanc.dicomweb_url, **common, orthanc_username="fhirbridge",
+                      orthanc_password="not-the-password")
+    try:
+        with pytest.raises(PacsError, match="refused our credentials") as err:
+            wrong.replace([("OLD-ID", ds)])
+        assert not err.value.retryable
+    finally:
+        wrong.close()
+
+
+def test_mllp_over_tls_in_serve(tmp_path: Path, ca: TestCA) -> None:
+    """`fhirbridge serve` with [mllp] tls_* and a client CA: an A04 from a client holding a
+    certificate of that CA is acknowledged AA; plain TCP gets nothing."""
+    svc = FhirbridgeService(tmp_path / "fb", workers=0, env={
+        "FHIRBRIDGE_MLLP__TLS_CERT_FILE": str(ca.server.cert),
+        "FHIRBRIDGE_MLLP__TLS_KEY_FILE": str(ca.server.key),
+        "FHIRBRIDGE_MLLP__TLS_CLIENT_CA_FILE": str(ca.ca_file)})
+    message = ("MSH|^~\\&|ADT|HOSP|FHIRBRIDGE|HOSP|20261120100000||ADT^A04|TLS-SERVE-1|P|2.5.1\r"
+               "EVN|A04|20261120095900\rPID|1||TLS-MRN-1^^^HOSP^MR||Test^Tls||19700101|F\r")
+    try:
+        svc.start()
+        assert "TLS on (client certificate required)" in svc.log_text()
+        raw = socket.create_connection(("127.0.0.1", svc.mllp_port), timeout=10)
+        with ca.client_context(ca.client).wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"\x0b" + message.encode() + b"\x1c\r")
+            answer = b""
+            while b"\x1c" not in answer and (chunk := s.recv(4096)):
+                answer += chunk
+        assert b"MSA|AA|TLS-SERVE-1" in answer
+        with socket.create_connection(("127.0.0.1", svc.mllp_port), timeout=10) as plain:
+            got = b""
+            try:
+                plain.sendall(b"\x0b" + message.replace("TLS-SERVE-1", "CLEAR-2").encode()
+                              + b"\x1c\r")
+                while chunk := plain.recv(4096):
+                    got += chunk
+            except OSError:
+                pass
+        assert b"MSA" not in got
+    finally:
+        svc.stop()
