@@ -36,6 +36,19 @@ def server_context(cert_file: str, key_file: str, *, client_ca_file: str = "",
     return ctx
 
 
+def optional_server_context(cert_file: str, key_file: str, *, client_ca_file: str = "",
+                            setting: str = "tls") -> ssl.SSLContext | None:
+    """`server_context` when both files are set, None (plain TCP) when neither is; a client
+    CA without a server certificate stops start-up (it would silently accept anyone)."""
+    if enabled(cert_file, key_file, setting=setting):
+        return server_context(cert_file, key_file, client_ca_file=client_ca_file,
+                              setting=setting)
+    if client_ca_file:
+        raise TlsConfigError(f"{setting}.tls_client_ca_file needs tls_cert_file and "
+                             "tls_key_file (client certificates are checked only over TLS)")
+    return None
+
+
 def client_context(*, ca_file: str = "", cert_file: str = "", key_file: str = "",
                    setting: str = "tls") -> ssl.SSLContext:
     """A client context: the server's certificate is checked against `ca_file` (empty = the
@@ -89,4 +102,5 @@ def _load_ca(ctx: ssl.SSLContext, ca_file: str, setting: str, name: str) -> None
                              ) from exc
 
 
-__all__ = ["TlsConfigError", "client_context", "enabled", "peer_subject_cn", "server_context"]
+__all__ = ["TlsConfigError", "client_context", "enabled", "optional_server_context",
+           "peer_subject_cn", "server_context"]
