@@ -132,6 +132,7 @@ class Pipeline:
         self.options = options
         self.fetcher = fetcher  # fetches attachment URLs (adapters.attachments)
         self.handlers: dict[str, Callable[[ClaimedJob], str]] = {UPLOAD_JOB: self.process_upload}
+        self._pacs_retrieves: bool | None = None  # see pacs_returns_objects
         options.instances_dir.mkdir(parents=True, exist_ok=True)
 
     # -- the worker loop -------------------------------------------------------------------
@@ -302,7 +303,8 @@ class Pipeline:
                 finish(s)
         if not self.options.keep_files:  # the PACS holds the objects and the Task completed
             release_files(self.db, self.blobs, sub.id, used_after={
-                a["blob_path"]: a["fetched_at"] for a in attachments if "fetched_at" in a})
+                a["blob_path"]: a["fetched_at"] for a in attachments if "fetched_at" in a},
+                keep_copies=bool(built) and not self.pacs_returns_objects(built[0][1]))
         return "done"
 
     @staticmethod
@@ -557,6 +559,33 @@ class Pipeline:
             if complete and finish is not None:
                 finish(s)
         return current, complete
+
+    def pacs_returns_objects(self, ctx: StudyContext | None = None) -> bool:
+        """Whether the PACS gives stored objects back (`Pacs.retrieve`: C-GET, WADO-RS, REST),
+        asked once per process with an object it holds (`ctx`, else the last one recorded).
+        Corrections need the object: a PACS that does not return it keeps our built copies
+        (said once in the log)."""
+        if self._pacs_retrieves is None:
+            if ctx is not None:
+                uids = (ctx.study_instance_uid, ctx.series_instance_uid, ctx.sop_instance_uid)
+            else:
+                with self.db.session() as s:
+                    row = s.scalar(select(StoredInstance).order_by(StoredInstance.id.desc())
+                                   .limit(1))
+                if row is None:
+                    return False
+                uids = (row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid)
+            try:
+                ok = self.pacs.retrieve(*uids) is not None
+            except (PacsError, OSError, RuntimeError) as exc:
+                log.warning("could not ask the PACS for a stored object back (%s); the built "
+                            "DICOM copy is kept", type(exc).__name__)
+                return False  # asked again with the next upload
+            self._pacs_retrieves = ok
+            if not ok:
+                log.warning("the PACS does not return stored objects (C-GET / WADO-RS): built "
+                            "DICOM copies are kept under data_dir/instances for corrections")
+        return self._pacs_retrieves
 
     def _kept_summaries(self, local_id: str) -> dict[str, InstanceSummary]:
         with self.db.session() as s:

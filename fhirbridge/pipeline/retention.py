@@ -59,15 +59,17 @@ def blob_paths_of(sub: Submission) -> list[str]:
 
 
 def release_files(db: Database, blobs: BlobStore, submission_id: str, *,
-                  used_after: dict[str, float] | None = None) -> int:
+                  used_after: dict[str, float] | None = None,
+                  keep_copies: bool = False) -> int:
     """Remove the built DICOM copies and the staged blobs of a completed upload (the PACS
     holds the objects). A blob shared with another upload that is not completed, or with a
     Binary this upload did not use, stays. Binaries this upload used (`Binary/{id}`) go with
     their bytes. `used_after`: per blob, the time after which a write was not ours (a blob
-    fetched from a URL by this job); default the submission's reception. Returns how many
-    files were removed. Errors are logged, not raised: a leftover is removed by the purge."""
+    fetched from a URL by this job); default the submission's reception. `keep_copies`: the
+    built DICOM copies stay (a PACS that cannot give objects back). Returns how many files
+    were removed. Errors are logged, not raised: a leftover is removed by the purge."""
     try:
-        return _release_files(db, blobs, submission_id, used_after or {})
+        return _release_files(db, blobs, submission_id, used_after or {}, keep_copies)
     except Exception as exc:  # the upload is done; never fail it for a file left behind
         log.warning("could not remove the files of a completed upload (%s)",
                     type(exc).__name__)
@@ -75,12 +77,12 @@ def release_files(db: Database, blobs: BlobStore, submission_id: str, *,
 
 
 def _release_files(db: Database, blobs: BlobStore, submission_id: str,
-                   used_after: dict[str, float]) -> int:
+                   used_after: dict[str, float], keep_copies: bool = False) -> int:
     with db.session() as s:
         sub = s.get(Submission, submission_id)
         if sub is None:
             return 0
-        copies = list(s.scalars(select(StoredInstance.file_path).where(
+        copies = [] if keep_copies else list(s.scalars(select(StoredInstance.file_path).where(
             StoredInstance.submission_id == submission_id)))
     removed = 0
     for path in copies:
@@ -121,12 +123,13 @@ def _blob_in_use(db: Database, sub: Submission, rel: str) -> bool:
 
 
 def purge(db: Database, blobs: BlobStore, retention_days: float, *,
-          now: datetime | None = None) -> PurgeResult:
+          now: datetime | None = None, keep_copies: bool = False) -> PurgeResult:
     """Delete completed uploads older than `retention_days` (by the Task's completion): the
     submission with its stored resource, its Task, jobs and review decisions, and any file of
     it still on disk (`keep_files`); identity history (IndexHistory snapshots) and finished
     jobs older than that. Superseded uploads stay (their rows keep replaced objects out of the
-    ImagingStudy). 0 days = never."""
+    ImagingStudy). `keep_copies`: built DICOM copies stay (the PACS cannot give objects back
+    for corrections). 0 days = never."""
     result = PurgeResult()
     if retention_days <= 0:
         return result
@@ -138,7 +141,7 @@ def purge(db: Database, blobs: BlobStore, retention_days: float, *,
             .where(Task.status == "completed", Task.last_modified < cutoff,
                    Submission.superseded_by == "")))
     for sub_id, task_id in due:
-        result.files += _release_files(db, blobs, sub_id, {})
+        result.files += _release_files(db, blobs, sub_id, {}, keep_copies)
         with db.transaction() as s:
             s.execute(delete(ReviewDecision).where(ReviewDecision.task_id == task_id))
             s.execute(delete(Job).where(Job.subject_id == sub_id))
@@ -174,7 +177,8 @@ def schedule_purge(pipeline: Pipeline) -> bool:
 
 def purge_job(pipeline: Pipeline, retention_days: float, job: ClaimedJob) -> str:
     """The job handler: purge, then complete the job."""
-    purge(pipeline.db, pipeline.blobs, retention_days)
+    purge(pipeline.db, pipeline.blobs, retention_days,
+          keep_copies=not pipeline.pacs_returns_objects())
     with pipeline.db.transaction(durable=False) as s:
         pipeline.queue.complete(s, job)
     return "done"
