@@ -264,6 +264,10 @@ class Pipeline:
         # 4. PACS
         if built:
             self.pacs.store([ds for _, _, ds, _ in built], [path for _, _, _, path in built])
+        # the built copies may go once the Task completes if the PACS gives objects back
+        # (corrections need them); asked once per process, here, not after completion
+        keep_copies = bool(built) and not self.options.keep_files \
+            and not self.pacs_returns_objects(built[0][1])
 
         # 5. ImagingStudy: at the EHR (conditional update), then ours with the new instances
         # (and the replaced upload superseded) and the Task completed, in one transaction
@@ -304,7 +308,7 @@ class Pipeline:
         if not self.options.keep_files:  # the PACS holds the objects and the Task completed
             release_files(self.db, self.blobs, sub.id, used_after={
                 a["blob_path"]: a["fetched_at"] for a in attachments if "fetched_at" in a},
-                keep_copies=bool(built) and not self.pacs_returns_objects(built[0][1]))
+                keep_copies=keep_copies)
         return "done"
 
     @staticmethod

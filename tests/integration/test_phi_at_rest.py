@@ -63,6 +63,12 @@ def upload(svc: FhirbridgeService, media: dict[str, Any]) -> tuple[str, dict[str
     return media_id, svc.wait_task(f"Media/{media_id}")
 
 
+def wait_gone(svc: FhirbridgeService, *folders: str) -> None:
+    """The files go just after the Task shows completed (a retry before it still needs them)."""
+    wait_for(lambda: all(files_under(svc.data_dir / f) == [] for f in folders), timeout=10,
+             what=f"no file left in {', '.join(folders)}")
+
+
 @pytest.fixture()
 def folder_service(tmp_path, fhir_server):
     """Embedded PACS (a folder under data_dir), the test EHR; data_dir made 0755 beforehand."""
@@ -81,8 +87,7 @@ def test_completed_upload_leaves_no_copy_and_nothing_readable_by_others(folder_s
 
     # the PACS (here the folder) holds the object; fhirbridge's own copies are gone
     assert len(files_under(svc.data_dir / "dicom")) == 1
-    assert files_under(svc.data_dir / "blobs") == []
-    assert files_under(svc.data_dir / "instances") == []
+    wait_gone(svc, "blobs", "instances")
     assert_private(svc.data_dir)
     assert "open to other users" in svc.log_text()  # the 0755 data_dir was closed, and said
 
@@ -191,8 +196,7 @@ def test_merge_after_the_copy_is_gone_still_corrects_the_pacs(config, tmp_path, 
         study = svc.client.get(f"/fhir/{task['output'][0]['valueReference']['reference']}"
                                ).json()
         sop = study["series"][0]["instance"][0]["uid"]
-        assert files_under(svc.data_dir / "instances") == []  # our copy is gone
-        assert files_under(svc.data_dir / "blobs") == []
+        wait_gone(svc, "blobs", "instances")  # our copies are gone
 
         merged = dict(old, active=False, link=[{"other": {"reference": f"Patient/{new['id']}"},
                                                 "type": "replaced-by"}])
