@@ -1,3 +1,3 @@
 """fhirbridge: patient-generated images from FHIR into DICOM PACS, with ImagingStudy write-back."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from fhirbridge import __version__
 from fhirbridge.adapters.attachments import AttachmentFetcher
 from fhirbridge.adapters.blobs import BlobStore, make_private_dir
 from fhirbridge.adapters.ehr import FhirEhr
@@ -236,7 +237,7 @@ def create_app(services: Services, *, workers: int | None = None,
                 await listener.stop()
             await asyncio.get_running_loop().run_in_executor(None, pool.stop)
 
-    app = FastAPI(title="fhirbridge", version="0.1.0", lifespan=lifespan, docs_url=None,
+    app = FastAPI(title="fhirbridge", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.services = services
     install_error_handlers(app)

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta, timezone, tzinfo
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
+from fhirbridge import __version__
 from fhirbridge.dicom.context import CodedConcept, PatientDemographics, StudyContext
 from fhirbridge.dicom.uids import IMPLEMENTATION_CLASS_UID
 
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 IMPLEMENTATION_VERSION_NAME = "fhirbridge 0.1"
-SOFTWARE_VERSION = "fhirbridge 0.1"
+SOFTWARE_VERSION = f"fhirbridge {__version__}"
 LATERALITY_VALUES = frozenset({"L", "R", "B", "U"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 _LT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
