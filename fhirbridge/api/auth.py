@@ -278,6 +278,20 @@ class TokenVerifier:
                 raise JwksUnavailable() from None
             return key
 
+    def _only_key_for(self, alg: str) -> jwt.PyJWK | None:
+        """A token without `kid`: the issuer's one key that fits `alg`, or None when it has
+        several (then the token must say which)."""
+        with self._lock:
+            if time.monotonic() - self._failed_at < FAILED_FETCH_SECONDS:
+                raise JwksUnavailable()
+            try:
+                keys = self._client.get_signing_keys()
+            except jwt.PyJWTError:
+                self._failed_at = time.monotonic()
+                raise JwksUnavailable() from None
+        fitting = [k for k in keys if _key_fits(k.key, alg)]
+        return fitting[0] if len(fitting) == 1 else None
+
     # -- tokens ----------------------------------------------------------------------------
     def verify(self, token: str) -> dict[str, Any]:
         """The verified claims, or AuthError 401 (JwksUnavailable when keys cannot be read)."""
@@ -290,9 +304,12 @@ class TokenVerifier:
             raise unauthorized("the bearer token is signed with an algorithm that is not "
                                "accepted (RS256, RS384, ES256 or ES384 only)")
         kid = header.get("kid")
-        if not isinstance(kid, str) or not kid:
+        if kid is None:
+            jwk = self._only_key_for(alg)  # RFC 7515 4.1.4: kid is optional
+        elif not isinstance(kid, str) or not kid:
             raise unauthorized("the bearer token names no signing key (kid)")
-        jwk = self._signing_key(kid)
+        else:
+            jwk = self._signing_key(kid)
         if jwk is None:
             raise unauthorized("the bearer token's signing key is not one of the issuer's keys")
         declared = jwk.algorithm_name if "alg" in getattr(jwk, "_jwk_data", {}) else None

@@ -159,3 +159,24 @@ def test_unreachable_jwks_answers_503_through_the_app(idp: IdentityProvider,
             assert r.headers["WWW-Authenticate"] == 'Bearer realm="fhirbridge"'
     finally:
         services.close()
+
+
+def test_token_without_kid_uses_the_issuers_only_fitting_key(idp: IdentityProvider) -> None:
+    """RFC 7515 4.1.4: `kid` is optional. The IdP has one EC P-384 key: an ES384 token
+    without kid verifies with it; a forged one without kid does not; an RS256 token without
+    kid is refused once the issuer has two RSA keys (it must then say which)."""
+    import jwt
+
+    v = verifier(idp)
+    key, _ = idp.keys[idp.ec_kid]
+    good = jwt.encode(claims(idp), key, algorithm="ES384")
+    seed(good)
+    assert v.verify(good)["sub"] == "s"
+    other = ec.generate_private_key(ec.SECP384R1())
+    forged_token = jwt.encode(claims(idp), other, algorithm="ES384")
+    seed(forged_token)
+    refused(v, forged_token)
+    idp.rotate("RS256")
+    rs = jwt.encode(claims(idp), idp.keys[idp.rsa_kid][0], algorithm="RS256")
+    seed(rs)
+    refused(verifier(idp), rs)
