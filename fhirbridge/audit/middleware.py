@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+from fhirbridge.api.auth import is_loopback
 from fhirbridge.audit.events import Agent, Entity, interaction_of, rest_event
 from fhirbridge.audit.recorder import AuditRecorder
 from fhirbridge.fhir.outcome import operation_outcome
@@ -42,13 +42,6 @@ def audited(path: str) -> bool:
 def _address(scope: Scope) -> str:
     client = scope.get("client")
     return str(client[0]) if client else ""
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host in ("localhost", "testclient")
 
 
 def _header(scope: Scope, name: bytes) -> str:
@@ -76,7 +69,7 @@ def agent_of(scope: Scope, status: int, admin_token: str = "") -> Agent:
         return Agent("admin-token", "", address, "admin-token")
     if status == 401:
         return Agent("unauthenticated", "", address, "unauthenticated")
-    if _is_loopback(address):
+    if is_loopback(address):
         return Agent(f"loopback@{address}", "", address, "loopback")
     return Agent(f"anonymous@{address}", "", address, "anonymous")
 
