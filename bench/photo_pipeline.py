@@ -214,7 +214,13 @@ def main() -> None:
                   f"({busy / os.sysconf('SC_CLK_TCK') / args.n * 1000:.1f} ms per image)")
 
             # 2. storescu -xy of the objects fhirbridge built (the pipe's limit)
-            files = sorted(str(p) for p in (svc.data_dir / "instances").glob("*.dcm"))
+            # fhirbridge keeps no copy once the PACS holds an object ([retention] keep_files):
+            # the same objects, as Orthanc stored them
+            objects = Path(tmp) / "objects"
+            objects.mkdir()
+            for n, iid in enumerate(orthanc.instances()):
+                (objects / f"{n}.dcm").write_bytes(orthanc.instance_file(iid))
+            files = sorted(str(p) for p in objects.glob("*.dcm"))
             orthanc.reset()
             t0 = time.perf_counter()
             subprocess.run(["storescu", "-xy", "-aet", "FHIRBRIDGE", "-aec", orthanc.aet,
