@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from sqlalchemy import exists, select
+from sqlalchemy import delete, exists, select
 
 from fhirbridge.adapters.ehr import EhrUnavailable
 from fhirbridge.api.auth import (
@@ -39,7 +39,7 @@ from fhirbridge.pipeline.intake import (
     stage,
 )
 from fhirbridge.store.db import Database
-from fhirbridge.store.models import StoredInstance, Submission
+from fhirbridge.store.models import BinaryRecord, StoredInstance, Submission
 
 router = APIRouter()
 _PARSERS = {"Media": parse_media, "DocumentReference": parse_document_reference}
@@ -147,6 +147,21 @@ def _bundle_caller(caller: Caller, entries: list[Any]) -> Caller:
     return next((c for c in effective if c.patient), effective[0] if effective else caller)
 
 
+def _insert_binaries(db: Database, records: list[BinaryRecord]) -> None:
+    with db.transaction() as s:
+        s.add_all(records)
+        s.flush()
+        for r in records:
+            s.expunge(r)
+
+
+def _delete_binaries(db: Database, ids: list[str]) -> None:
+    if not ids:
+        return
+    with db.transaction() as s:
+        s.execute(delete(BinaryRecord).where(BinaryRecord.id.in_(ids)))
+
+
 @router.post("/fhir")
 async def transaction(request: Request, caller: Caller = Depends(authenticate)) -> Response:
     """A transaction (all or nothing) or batch Bundle of uploads for one patient."""
@@ -161,15 +176,29 @@ async def transaction(request: Request, caller: Caller = Depends(authenticate)) 
     await _check_bound(request, caller,
                        [e for e in bundle.entries if isinstance(e, InboundUpload)])
     _bind(request, ctx, caller)
+    # Binary entries become real Binaries (as POST /fhir/Binary makes them) under the ids the
+    # other entries' references were rewritten to (R4 http.html#trules)
+    binaries: list[BinaryRecord] = []
     for entry in bundle.entries:
         if isinstance(entry, BinaryEntry):
             rel, digest = await svc.run_sync(svc.blobs.put, entry.data)
-            ctx.bundle_blobs[entry.full_url] = StagedBlob(rel, digest, len(entry.data),
-                                                          entry.content_type)
+            ctx.bundle_blobs[f"Binary/{entry.id}"] = StagedBlob(rel, digest, len(entry.data),
+                                                                entry.content_type)
+            binaries.append(BinaryRecord(id=entry.id, content_type=entry.content_type,
+                                         blob_path=rel, sha256=digest, size=len(entry.data),
+                                         bound_patient=caller.bound_patient))
+    if binaries:
+        await svc.run_sync(_insert_binaries, svc.db, binaries)
     uploads = [e for e in bundle.entries if isinstance(e, InboundUpload)]
     results: list[dict[str, Any] | FhirError] = []
     if bundle.type == "transaction":
-        accepted = await svc.run_sync(accept_bundle, svc.db, ctx, uploads) if uploads else []
+        try:
+            accepted = (await svc.run_sync(accept_bundle, svc.db, ctx, uploads)
+                        if uploads else [])
+        except Exception:
+            # all or nothing: the Binaries of a refused transaction are not kept
+            await svc.run_sync(_delete_binaries, svc.db, [b.id for b in binaries])
+            raise
     else:
         # batch: an entry whose attachment cannot be staged fails alone
         ok, staged = [], []
@@ -187,7 +216,9 @@ async def transaction(request: Request, caller: Caller = Depends(authenticate)) 
         if isinstance(entry, FhirError):
             results.append(entry)
         elif isinstance(entry, BinaryEntry):
-            results.append({"status": "200 OK", "location": entry.full_url})
+            note_audit(request, f"Binary/{entry.id}", caller.bound_patient)
+            results.append({"status": "201 Created", "location": f"Binary/{entry.id}",
+                            "etag": 'W/"1"'})
         elif "error" in entry.extra:
             results.append(entry.extra["error"])
         else:

@@ -4,10 +4,14 @@ and Binary, for one patient, become one study (a series per kind).
 transaction: all or nothing — any bad entry refuses the whole Bundle, nothing is stored.
 batch: each entry on its own; the response carries each entry's outcome.
 A Binary entry is referenced from an attachment `url` by its `fullUrl` (urn:uuid:…).
+R4 http.html#trules: every entry gets its server id first, and every reference to another
+entry's `fullUrl` (Reference.reference, Attachment.url) is rewritten to that id before
+anything is stored; a `urn:uuid:` no entry declares is refused.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +33,7 @@ class BinaryEntry:
     full_url: str
     content_type: str
     data: bytes
+    id: str = ""  # the server id (BinaryRecord.id) this Bundle gives the Binary
 
 
 @dataclass
@@ -57,17 +62,19 @@ def parse_bundle(raw: bytes, *, limits: MediaLimits | None = None,
                         f"{limits.max_bundle_entries} are accepted (http.max_bundle_entries)",
                         expression="Bundle.entry")
     out = UploadBundle(type=kind, entries=[])
+    ids = _server_ids(raw_entries)
     for i, entry in enumerate(raw_entries):
         where = f"Bundle.entry[{i}]"
         full_url = entry.get("fullUrl", "") if isinstance(entry, dict) else ""
         out.full_urls.append(full_url if isinstance(full_url, str) else "")
         try:
-            out.entries.append(_entry(entry, where, limits, probe_video))
+            out.entries.append(_entry(entry, where, limits, probe_video, ids))
         except FhirError as exc:
             if kind == "transaction":
                 raise FhirError(exc.status, exc.code, f"{where}: {exc.text}",
                                 expression=exc.expression or where) from None
             out.entries.append(exc)
+    _fail_dangling(out, raw_entries, ids)
     uploads = [e for e in out.entries if isinstance(e, InboundUpload)]
     if not uploads and kind == "transaction":
         raise FhirError(422, "required", "the Bundle holds no Media or DocumentReference")
@@ -75,18 +82,69 @@ def parse_bundle(raw: bytes, *, limits: MediaLimits | None = None,
     return out
 
 
+def _server_ids(raw_entries: list[Any]) -> dict[str, str]:
+    """fullUrl → `Type/{server id}` for every create entry of a type we store (R4
+    http.html#trules: ids are assigned before references are resolved). A fullUrl two
+    entries share names neither (bdl-7): references to it stay unresolved."""
+    ids: dict[str, str] = {}
+    seen: set[str] = set()
+    for entry in raw_entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+            continue
+        full_url = entry.get("fullUrl")
+        rtype = entry["resource"].get("resourceType")
+        if not isinstance(full_url, str) or not full_url:
+            continue
+        if full_url in seen:
+            ids.pop(full_url, None)
+            continue
+        seen.add(full_url)
+        if rtype == "Binary":
+            ids[full_url] = f"Binary/{uuid.uuid4().hex}"  # BinaryRecord ids: 32 hex digits
+        elif rtype in _UPLOAD_TYPES:
+            ids[full_url] = f"{rtype}/{uuid.uuid4()}"  # Submission ids
+    return ids
+
+
+def _rewrite(node: Any, ids: dict[str, str], where: str) -> Any:
+    """`node` with every Reference.reference / Attachment.url that names an entry's fullUrl
+    replaced by that entry's `Type/{id}`; a `urn:uuid:` no entry declares → 400."""
+    if isinstance(node, list):
+        return [_rewrite(v, ids, where) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("reference", "url") and isinstance(value, str):
+            if value in ids:
+                value = ids[value]
+            elif value.startswith("urn:uuid:"):
+                raise FhirError(400, "not-found", "a reference names a urn:uuid that is not "
+                                "the fullUrl of any (single) entry of this Bundle",
+                                expression=where)
+            out[key] = value
+        else:
+            out[key] = _rewrite(value, ids, where)
+    return out
+
+
 def _entry(entry: Any, where: str, limits: MediaLimits | None,
-           probe_video: Any) -> InboundUpload | BinaryEntry:
+           probe_video: Any, ids: dict[str, str] | None = None) -> InboundUpload | BinaryEntry:
     if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
         raise FhirError(400, "structure", "entry has no resource", expression=where)
     request = entry.get("request")
     if not isinstance(request, dict) or request.get("method") != "POST":
         raise FhirError(422, "not-supported", "only POST (create) entries are accepted",
                         expression=f"{where}.request.method")
-    resource = entry["resource"]
-    rtype = resource.get("resourceType")
+    ids = ids or {}
+    full_url = str(entry.get("fullUrl") or "")
+    rtype = entry["resource"].get("resourceType")
     if rtype == "Binary":
-        return _binary(resource, str(entry.get("fullUrl") or ""), where)
+        binary = _binary(entry["resource"], full_url, where)
+        binary.id = ids.get(full_url, f"Binary/{uuid.uuid4().hex}").removeprefix("Binary/")
+        return binary
+    # references are rewritten before the resource is parsed, checked or stored
+    resource = _rewrite(entry["resource"], ids, f"{where}.resource")
     if rtype not in _UPLOAD_TYPES:
         raise FhirError(422, "not-supported", "entries must be Media, DocumentReference or "
                         "Binary", expression=f"{where}.resource")
@@ -95,7 +153,9 @@ def _entry(entry: Any, where: str, limits: MediaLimits | None,
     else:
         upload = parse_document_reference_resource(resource, limits=limits,
                                                    probe_video=probe_video)
-    upload.full_url = str(entry.get("fullUrl") or "")
+    upload.full_url = full_url
+    if full_url in ids:  # the id other entries' references were rewritten to
+        upload.extra["id"] = ids[full_url].split("/", 1)[1]
     return upload
 
 
@@ -115,6 +175,20 @@ def _binary(resource: dict[str, Any], full_url: str, where: str) -> BinaryEntry:
         raise FhirError(415, "invalid", f"Binary bytes are not {ctype}",
                         expression=f"{where}.resource.contentType")
     return BinaryEntry(full_url=full_url, content_type=ctype, data=data)
+
+
+def _fail_dangling(out: UploadBundle, raw_entries: list[Any], ids: dict[str, str]) -> None:
+    """batch: an entry whose attachment names a Binary entry that failed fails too (its
+    rewritten `Binary/{id}` would name nothing we hold)."""
+    failed = {ids[u] for u, e in zip(out.full_urls, out.entries)
+              if isinstance(e, FhirError) and u in ids}
+    if not failed:
+        return
+    for i, e in enumerate(out.entries):
+        if isinstance(e, InboundUpload) and any(a.url in failed for a in e.attachments):
+            out.entries[i] = FhirError(400, "processing", f"Bundle.entry[{i}]: its attachment "
+                                       "names an entry of this batch that failed",
+                                       expression=f"Bundle.entry[{i}]")
 
 
 def _one_patient(uploads: list[InboundUpload]) -> None:

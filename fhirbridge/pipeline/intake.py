@@ -233,7 +233,8 @@ def _record(s: Session, inbound: InboundUpload, staged: list[dict[str, Any]],
             break
     if study_key is None:
         study_key = replaced.study_key if replaced is not None and replaced.study_key else key
-    resource_id = str(uuid.uuid4())
+    # a Bundle entry arrives with the id its fullUrl was rewritten to (R4 http.html#trules)
+    resource_id = str(inbound.extra.get("id") or uuid.uuid4())
     task_id = str(uuid.uuid4())
     resource = dict(inbound.resource)
     resource["id"] = resource_id

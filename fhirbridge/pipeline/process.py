@@ -85,6 +85,14 @@ _SAME_CONTENT = select(StoredInstance).where(
     StoredInstance.content_sha256 == bindparam("sha256"),
     StoredInstance.patient_ref == bindparam("p_ref"),
     StoredInstance.sop_instance_uid != bindparam("sop_uid")).limit(1)
+# The instance these UIDs name, when it is already recorded in another study: the same bytes,
+# claim and identifiers give the same SOP Instance UID (pipeline.intake.idempotency_key), but a
+# batch Bundle gives them another study. A SOP Instance UID belongs to one study (PS3.3 C.12.1,
+# PS3.5 9.1): the repeat points at the stored instance (docs/decisions.md).
+_SAME_UID_OTHER_STUDY = select(StoredInstance).where(
+    StoredInstance.sop_instance_uid == bindparam("sop_uid"),
+    StoredInstance.patient_ref == bindparam("p_ref"),
+    StoredInstance.study_instance_uid != bindparam("study_uid")).limit(1)
 # The study's instances, without those of a superseded upload.
 _CURRENT_INSTANCES = (
     select(StoredInstance)
@@ -156,8 +164,8 @@ class Pipeline:
             state = self.queue.fail(job, f"{type(exc).__name__}: {exc}", retryable=retryable)
             log.warning("job %s attempt %s failed (%s); now %s", job.id, job.attempts,
                         type(exc).__name__, state)
-            if state == "failed":
-                self._set_task_for(job, "failed", "delivery-failed", str(exc))
+            if state == "failed":  # people read a plain reason; the job list keeps the detail
+                self._set_task_for(job, "failed", "delivery-failed", failure_reason(exc))
         except Exception as exc:  # a bug must not kill the worker; the job is retried
             log.exception("job %s crashed with %s", job.id, type(exc).__name__)
             state = self.queue.fail(job, f"internal error: {type(exc).__name__}")
@@ -248,8 +256,7 @@ class Pipeline:
         for att, media in prepared:
             ctx = self.study_context(key, desc, sub.received_at, study_key=study_key,
                                      attachment=att, captured=media.captured)
-            duplicate = self._stored_duplicate(att.get("sha256", ""), patient.ref,
-                                               ctx.sop_instance_uid)
+            duplicate = self._stored_duplicate(att.get("sha256", ""), patient.ref, ctx)
             if duplicate is not None:
                 reused.append(duplicate)
                 continue
@@ -375,12 +382,18 @@ class Pipeline:
         return bool(refs - {patient_ref})
 
     def _stored_duplicate(self, sha256: str, patient_ref: str,
-                          sop_instance_uid: str) -> StoredInstance | None:
-        if not sha256:
-            return None
+                          ctx: StudyContext) -> StoredInstance | None:
+        """The instance already stored for this patient with the same bytes (another
+        upload), or with this SOP Instance UID in another study: reused, never re-sent, so a
+        SOP Instance UID stays in exactly one study (PACS, StoredInstance, ImagingStudy)."""
         with self.db.session() as s:
+            same_uid = s.scalar(_SAME_UID_OTHER_STUDY, {
+                "sop_uid": ctx.sop_instance_uid, "p_ref": patient_ref,
+                "study_uid": ctx.study_instance_uid})
+            if same_uid is not None or not sha256:
+                return same_uid
             return s.scalar(_SAME_CONTENT, {"sha256": sha256, "p_ref": patient_ref,
-                                            "sop_uid": sop_instance_uid})
+                                            "sop_uid": ctx.sop_instance_uid})
 
     # -- pieces, public so corrections and the review queue reuse them ----------------------
     def demographics(self, patient: PatientRecord) -> PatientDemographics | None:
@@ -650,6 +663,17 @@ class Pipeline:
             t = s.scalar(select(Task).where(Task.submission_id == job.subject_id))
             if t is not None:
                 t.status, t.reason_code, t.reason_text = status, code, text[:500]
+
+
+def failure_reason(exc: Exception) -> str:
+    """The Task.statusReason text for a delivery that kept failing: our adapters' own texts
+    (PHI-free, no paths), and for a local file error a plain sentence — never the exception
+    text, which names files on this node (e.g. `[Errno 2] ... '/…/blobs/…'`)."""
+    if isinstance(exc, FileNotFoundError):
+        return "the staged bytes of this upload are missing on this node"
+    if isinstance(exc, OSError):
+        return "a file of this upload could not be read or written on this node"
+    return str(exc)
 
 
 @dataclass(frozen=True)
