@@ -276,7 +276,8 @@ async def start_mllp(services: Services) -> Any:
     from fhirbridge.tls import optional_server_context
 
     feed = AdtFeed(services.db, services.index, services.settings.identifier_domains,
-                   audit=services.audit)
+                   audit=services.audit,
+                   unsupported_events=services.settings.mllp.unsupported_events)
     m = services.settings.mllp
     # TLS only when both files are set; a wrong TLS setting stops start-up (fhirbridge.tls)
     tls_context = optional_server_context(m.tls_cert_file, m.tls_key_file,

@@ -55,6 +55,9 @@ class MllpSettings(Section):
     tls_key_file: str = ""
     tls_client_ca_file: str = ""  # set = clients must present a certificate signed by it
     allowed_peers: list[str] = Field(default_factory=list)  # CIDRs; empty = any
+    # ADT trigger events not applied (A02, A03 …), HL7 v2.5.1 2.9.2: "AE" = AE with ERR-3 201
+    # unsupported event code; "AA" = AA with MSA-3 "not applied: event not supported"
+    unsupported_events: str = Field("AE", pattern="^(AE|AA)$")
 
 
 class PacsSettings(Section):

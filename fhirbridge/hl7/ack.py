@@ -1,9 +1,9 @@
-"""Original-mode acknowledgments: MSH + MSA (+ ERR) for an inbound message, no I/O.
+"""Acknowledgments: MSH + MSA (+ ERR) for an inbound message, no I/O.
 
 Follows HL7 v2.5.1 Chapter 2: §2.9.2 original acknowledgment rules (AA/AE/AR, table 0008),
+§2.9.3 enhanced mode (accept acknowledgments CA/CE/CR as MSH-15 asks; see `reply_code`),
 §2.15.9 MSH, §2.15.8 MSA, §2.15.5 ERR (ERR-3 HL7 error code, table 0357; ERR-4 severity) and
-for v2.3/v2.4 peers ERR-1 (ELD). Enhanced-mode requests (MSH-15/16) still get an original-mode
-ACK. Texts name what is structurally wrong and never carry patient data.
+for v2.3/v2.4 peers ERR-1 (ELD). Texts name what is wrong and never carry patient data.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from fhirbridge.hl7.message import (
 )
 
 ACCEPT, ERROR, REJECT = "AA", "AE", "AR"
+COMMIT_ACCEPT, COMMIT_ERROR, COMMIT_REJECT = "CA", "CE", "CR"  # enhanced mode, table 0008
+_COMMIT = {ACCEPT: COMMIT_ACCEPT, ERROR: COMMIT_ERROR, REJECT: COMMIT_REJECT}
 
 #: HL7 table 0357, the names used in ERR-3.2.
 ERROR_NAMES = {
@@ -56,14 +58,16 @@ class AckDecision:
     code: str = ACCEPT
     text: str = ""
     error_code: str = ""
+    location: tuple[str, int] | None = None  # ERR-2: (segment id, field number)
 
     @classmethod
     def accept(cls, text: str = "") -> AckDecision:
         return cls(ACCEPT, text)
 
     @classmethod
-    def error(cls, text: str, error_code: str = APPLICATION_INTERNAL_ERROR) -> AckDecision:
-        return cls(ERROR, text, error_code)
+    def error(cls, text: str, error_code: str = APPLICATION_INTERNAL_ERROR,
+              location: tuple[str, int] | None = None) -> AckDecision:
+        return cls(ERROR, text, error_code, location)
 
     @classmethod
     def reject(cls, text: str, error_code: str) -> AckDecision:
@@ -73,6 +77,25 @@ class AckDecision:
 def new_control_id() -> str:
     """A control id for our ACK's MSH-10 (≤ 20 characters, unique per process run)."""
     return f"{_prefix}{next(_counter):010d}"
+
+
+def reply_code(header: MessageHeader | None, code: str) -> str | None:
+    """The MSA-1 to send for an original-mode decision `code` (AA/AE/AR), or None for none.
+
+    Original mode (MSH-15 and MSH-16 both empty, §2.9.2): `code` itself. Enhanced mode
+    (§2.9.3, either one present): the accept acknowledgment, sent once the message is
+    durably committed (the listener calls this after the handler returned): AA → CA, AE → CE,
+    AR → CR, as MSH-15 (table 0155) asks: AL (or empty, or unknown) always, NE never, SU
+    only CA, ER only CE/CR. fhirbridge applies the message when it accepts it and sends no
+    separate application acknowledgment: MSH-16 is treated as NE (README "Standards")."""
+    if header is None or not (header.accept_ack_type or header.application_ack_type):
+        return code
+    commit = _COMMIT.get(code, code)
+    mode = header.accept_ack_type.upper()
+    if mode == "NE" or (mode == "SU" and commit != COMMIT_ACCEPT) or (
+            mode == "ER" and commit == COMMIT_ACCEPT):
+        return None
+    return commit
 
 
 def build_ack(header: MessageHeader | None, ack_code: str, *, text: str = "",
@@ -85,8 +108,8 @@ def build_ack(header: MessageHeader | None, ack_code: str, *, text: str = "",
     the message left MSH-5/6 empty), MSH-9 is `ACK^<trigger>^ACK`, MSH-11/12 and MSH-18 are
     echoed. With no readable header an ACK with default delimiters and an empty MSA-2 is built.
     AE/AR carry an ERR segment when `error_code` is given."""
-    if ack_code not in (ACCEPT, ERROR, REJECT):
-        raise ValueError("ack_code must be AA, AE or AR")
+    if ack_code not in (ACCEPT, ERROR, REJECT, COMMIT_ACCEPT, COMMIT_ERROR, COMMIT_REJECT):
+        raise ValueError("ack_code must be AA, AE, AR, CA, CE or CR")
     h = header if header is not None else MessageHeader()
     d: Delimiters = h.delimiters
 
@@ -114,7 +137,7 @@ def build_ack(header: MessageHeader | None, ack_code: str, *, text: str = "",
         d.field.join(msh),
         d.field.join(["MSA", ack_code, h.control_id_raw, esc(short)]),
     ]
-    if ack_code != ACCEPT and error_code:
+    if ack_code not in (ACCEPT, COMMIT_ACCEPT) and error_code:
         segments.append(_err_segment(d, h, error_code, error_location, esc(_one_line(text))))
     return "\r".join(segments) + "\r"
 
@@ -147,18 +170,23 @@ def encode_ack(ack: str, header: MessageHeader | None) -> bytes:
 
 def ack_bytes(header: MessageHeader | None, decision: AckDecision, *,
               error_location: tuple[str, int] | None = None, application: str = "FHIRBRIDGE",
-              facility: str = "") -> bytes:
-    """`build_ack` + `encode_ack` for an application decision."""
-    text = build_ack(header, decision.code, text=decision.text, error_code=decision.error_code,
-                     error_location=error_location, application=application, facility=facility)
+              facility: str = "", ack_code: str | None = None) -> bytes:
+    """`build_ack` + `encode_ack` for an application decision (`ack_code`, e.g. from
+    `reply_code`, replaces the decision's MSA-1)."""
+    text = build_ack(header, ack_code or decision.code, text=decision.text,
+                     error_code=decision.error_code,
+                     error_location=error_location or decision.location,
+                     application=application, facility=facility)
     return encode_ack(text, header)
 
 
 def rejection_ack(exc: MessageRejected, *, application: str = "FHIRBRIDGE",
-                  facility: str = "") -> bytes:
-    """The AR (or AE) answering a message `decode_message`/`parse_adt` refused."""
-    text = build_ack(exc.header, exc.ack_code, text=exc.text, error_code=exc.reason_code,
-                     error_location=exc.location, application=application, facility=facility)
+                  facility: str = "", ack_code: str | None = None) -> bytes:
+    """The AR (or AE; `ack_code` CR/CE in enhanced mode) answering a message
+    `decode_message`/`parse_adt` refused."""
+    text = build_ack(exc.header, ack_code or exc.ack_code, text=exc.text,
+                     error_code=exc.reason_code, error_location=exc.location,
+                     application=application, facility=facility)
     return encode_ack(text, exc.header)
 
 

@@ -20,6 +20,7 @@ from fhirbridge.hl7.message import (
     REQUIRED_FIELD_MISSING,
     SEGMENT_SEQUENCE_ERROR,
     UNSUPPORTED_MESSAGE_TYPE,
+    EscapeError,
     Hl7Message,
     MessageHeader,
     MessageRejected,
@@ -137,15 +138,30 @@ class ParsedMessage:
 def parse_adt(raw: bytes, *, default_tz: tzinfo | None = timezone.utc) -> ParsedMessage:
     """Decode one ADT message (bytes between MLLP framing) into an event.
 
-    Raises MessageRejected (→ AR) when the bytes are not an acceptable HL7 v2 message, when
-    it is not ADT (200), or when a segment or required field the event needs is missing or
-    malformed (100/101/102)."""
+    Raises MessageRejected: AR when the bytes are not an acceptable HL7 v2 message (unusable
+    MSH, unsupported version) or not ADT (200); AE (v2.5.1 §2.9.2: the message was understood,
+    its content is wrong) when a segment or field the event needs is missing or malformed
+    (100/101/102), including an escape sequence that cannot be decoded (102)."""
     msg = decode_message(raw, default_tz=default_tz, segments=ADT_SEGMENTS)
     h = msg.header
     if h.message_code != "ADT":
         raise MessageRejected(UNSUPPORTED_MESSAGE_TYPE, "message type "
                               f"{safe_token(h.message_code) or '(empty)'} is not supported; "
                               "only ADT is accepted", header=h, location=("MSH", 9))
+    try:
+        return _parse_adt(msg, default_tz)
+    except EscapeError:
+        raise MessageRejected(DATA_TYPE_ERROR, "a field uses an escape sequence that is not "
+                              "supported (character-set switch or malformed hex)", header=h,
+                              ack_code="AE") from None
+    except MessageRejected as exc:
+        if exc.location is None or exc.location[0] != "MSH":
+            exc.ack_code = "AE"  # content error, not an unusable message
+        raise
+
+
+def _parse_adt(msg: Hl7Message, default_tz: tzinfo | None) -> ParsedMessage:
+    h = msg.header
     evn = msg.first("EVN")
     trigger = h.trigger_event or (msg.value(evn, 1).strip() if evn is not None else "")
     if not trigger:

@@ -61,6 +61,13 @@ _DTM = re.compile(
     r"([+-]\d{4})?$"
 )
 _SAFE_TOKEN = re.compile(r"[^A-Za-z0-9_.]")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+class EscapeError(ValueError):
+    """A text field uses an escape sequence (§2.7) this decoder does not implement: a
+    character-set switch (\\C..\\, \\M..\\, ISO 2022 shifts, §2.7.2/2.7.3) or a malformed
+    \\X..\\ (odd length, not hex). Guessing would store a garbled name: refuse instead."""
 
 
 class MessageRejected(Exception):
@@ -203,8 +210,11 @@ def raw_repetitions(segment: Any, number: int,
 
 def decode_text(raw: str, delimiters: Delimiters, encoding: str = "utf-8") -> str:
     """Resolve escape sequences in one leaf value (§2.7): \\F\\ \\S\\ \\T\\ \\R\\ \\E\\, \\Xhh..\\
-    as bytes in the message's character set; highlighting, formatting, character-set switches
-    and locally defined (\\Z..\\) sequences are dropped. `""` (the HL7 null) becomes ""."""
+    as bytes in the message's character set; highlighting, formatting and locally defined
+    (\\Z..\\) sequences are dropped. `""` (the HL7 null) becomes "".
+
+    Raises EscapeError for a character-set switch (\\C..\\, \\M..\\) or a \\X..\\ that is not
+    an even number of hex digits: the text cannot be read faithfully."""
     if raw == '""':
         return ""
     esc = delimiters.escape
@@ -235,17 +245,19 @@ def decode_text(raw: str, delimiters: Delimiters, encoding: str = "utf-8") -> st
         elif seq == "E":
             out.append(esc)
         elif seq[:1] == "X" and len(seq) > 1:
-            try:
-                data = bytes.fromhex(seq[1:])
-            except ValueError:
-                continue
+            hexdigits = seq[1:]
+            if len(hexdigits) % 2 or not all(ch in _HEX for ch in hexdigits):
+                raise EscapeError("\\X..\\ escape is not an even number of hex digits")
+            data = bytes.fromhex(hexdigits)
             try:
                 out.append(data.decode(encoding))
             except (UnicodeDecodeError, LookupError):
                 out.append(data.decode("latin-1"))
         elif seq in (".br", ".sp") or seq.startswith(".sp"):
             out.append(" ")
-        # \H\ \N\ .fi .nf .in .ti .sk .ce \Cxxyy\ \Mxxyyzz\ \Zxx\ : dropped
+        elif seq[:1] in ("C", "M") and len(seq) > 1:  # §2.7.2/2.7.3 ISO 2022 switches
+            raise EscapeError("character-set switch escapes (\\C..\\, \\M..\\) are not supported")
+        # \H\ \N\ .fi .nf .in .ti .sk .ce \Zxx\ : dropped
     return "".join(out)
 
 
@@ -373,7 +385,19 @@ def decode_message(raw: bytes, *, default_tz: tzinfo | None = timezone.utc,
     if "\n" in text:
         text = text.replace("\r\n", "\r").replace("\n", "\r")
     lines = [s for s in text.split("\r") if s.strip()]
-    header = _read_header(lines[0].split(fs), delims, msh18_raw, codec, default_tz)
+    try:
+        header = _read_header(lines[0].split(fs), delims, msh18_raw, codec, default_tz)
+    except EscapeError:
+        raise MessageRejected(DATA_TYPE_ERROR, "MSH uses an escape sequence that is not "
+                              "supported", header=_fallback_header(raw_fields, fs, delims,
+                                                                   msh18_raw, codec),
+                              location=("MSH", 0)) from None
+    if codec.startswith("iso8859") and not data.isascii() and _valid_utf8(data):
+        # MSH-18 says ISO 8859 but the bytes are UTF-8 ("Müller" would be read "MÃ¼ller").
+        # Real 8859 text with letters beyond ASCII is practically never valid UTF-8.
+        raise MessageRejected(DATA_TYPE_ERROR, "the message bytes are UTF-8, not the "
+                              "character set MSH-18 declares", header=header,
+                              location=("MSH", 18), ack_code="AE")
     kept: list[str] = []
     ids: list[str] = []
     for i, line in enumerate(lines):
@@ -483,6 +507,14 @@ def _fallback_header(raw_fields: list[bytes], fs: str, delims: Delimiters | None
         character_set_raw=msh18_raw if codec else "",
         encoding=codec or "utf-8",
     )
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _first_eol(data: bytes) -> int:

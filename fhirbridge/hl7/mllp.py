@@ -1,9 +1,10 @@
-"""The MLLP listener (asyncio): frames in, one original-mode ACK out per frame, in order.
+"""The MLLP listener (asyncio): frames in, one ACK out per frame (when one is due), in order.
 
 Follows HL7 v2.5.1 Appendix C (lower layer protocols), §C.4 MLLP: a message is framed as
 <VT> message <FS><CR>; bytes outside a frame are discarded. Acknowledgment follows Chapter 2
-§2.9.2 (original mode): AR for what cannot be parsed or is not accepted, without calling the
-application; AA only after the application's handler has returned (it has committed).
+§2.9.2 (original mode): AR for what cannot be parsed or is not accepted, AE for content errors,
+without calling the application; AA only after the application's handler has returned (it has
+committed). Enhanced mode (§2.9.3, MSH-15/16 present): CA/CE/CR as MSH-15 asks (`reply_code`).
 
 Connection security (the lower layer is TCP, or TLS 1.2+ when a server context is given): a
 peer outside `allowed_peers`, or beyond `max_connections`, is closed right after accept,
@@ -29,6 +30,7 @@ from fhirbridge.hl7.ack import (
     AckDecision,
     ack_bytes,
     rejection_ack,
+    reply_code,
 )
 from fhirbridge.hl7.adt import ParsedMessage, parse_adt
 from fhirbridge.hl7.message import (
@@ -321,8 +323,12 @@ class MLLPServer:
         except MessageRejected as exc:
             log.info("MLLP message %s rejected: %s %s", _cid(exc.header), exc.reason_code,
                      exc.text)
+            code = reply_code(exc.header, exc.ack_code)
+            if code is None:
+                self._count(exc.ack_code)  # enhanced mode, MSH-15 asks for no accept ACK
+                return
             await self._send(writer, rejection_ack(exc, application=self.application,
-                                                   facility=self.facility), exc.ack_code)
+                                                   facility=self.facility, ack_code=code), code)
             return
         except Exception as exc:  # a parser bug must not take the connection down
             log.error("MLLP parser failed: %s", type(exc).__name__)
@@ -342,9 +348,13 @@ class MLLPServer:
             log.error("MLLP handler failed on message %s (%s): %s", parsed.header.control_id,
                       parsed.event.event_type, type(exc).__name__)
             decision = AckDecision.error(GENERIC_ERROR_TEXT, APPLICATION_INTERNAL_ERROR)
+        code = reply_code(parsed.header, decision.code)  # after the commit (§2.9.3: CA)
+        if code is None:
+            self._count(decision.code)  # enhanced mode, MSH-15 asks for no accept ACK
+            return
         data = ack_bytes(parsed.header, decision, application=self.application,
-                         facility=self.facility)
-        await self._send(writer, data, decision.code)
+                         facility=self.facility, ack_code=code)
+        await self._send(writer, data, code)
 
     async def _oversized(self, head: bytes, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter, *, found_end: bool) -> None:
@@ -374,6 +384,9 @@ class MLLPServer:
     async def _send(self, writer: asyncio.StreamWriter, data: bytes, code: str) -> None:
         writer.write(VT + data + FS + CR)
         await writer.drain()
+        self._count(code)
+
+    def _count(self, code: str) -> None:
         if self.on_ack is not None:
             try:
                 self.on_ack(code)

@@ -3,8 +3,11 @@ original-mode acknowledgment: AA only after commit).
 
 PID-3 / MRG-1 CX identifiers map to FHIR systems through the configured identifier domains
 (CX-4 namespace id = hl7_assigning_authority, or CX-4 universal id = the system's OID);
-identifiers from unknown domains are ignored. A repeated MSH-10 from the same sender is
-acknowledged again with the stored answer and applied once.
+identifiers from unknown domains are ignored (none left in PID-3/MRG-1: AE 204, HL7 table
+0357 unknown key identifier). A repeated MSH-10 from the same sender is acknowledged again with
+the stored answer and applied once. Trigger events fhirbridge does not apply (A02, A03, A11 …)
+are recorded and answered as `[mllp] unsupported_events` says: AE 201 (default) or AA with
+MSA-3 "not applied: event not supported" (v2.5.1 §2.9.2; never a bare AA).
 
 Write path: `GroupCommitter` applies messages from all connections in batches, one
 transaction per batch (`AdtFeed.apply_batch`: a message answered AE or raising is rolled back
@@ -56,6 +59,11 @@ class _Redo(Exception):
     """A message without a savepoint raised: roll back, run the batch with savepoints."""
 
 
+#: MSA-3 / stored ack_text for a trigger event that is recorded but not applied
+NOT_APPLIED_TEXT = "not applied: event not supported"
+_UNSUPPORTED = ("201", ("MSH", 9))  # HL7 table 0357 unsupported event code, at MSH-9.2
+
+
 class _Refused(Exception):
     def __init__(self, decision: AckDecision) -> None:
         self.decision = decision
@@ -70,13 +78,20 @@ _SEEN_STMT = select(_MESSAGES.c.ack_code, _MESSAGES.c.ack_text).where(
 def _seen(conn: Connection, sender: str, control_id: str) -> AckDecision | None:
     """The stored answer to an earlier message with this (sender, MSH-10), if any."""
     row = conn.execute(_SEEN_STMT, {"sender": sender, "cid": control_id}).first()
-    return None if row is None else AckDecision(row.ack_code, row.ack_text)
+    if row is None:
+        return None
+    if row.ack_code == "AE" and row.ack_text == NOT_APPLIED_TEXT:
+        return AckDecision.error(row.ack_text, *_UNSUPPORTED)
+    return AckDecision(row.ack_code, row.ack_text)
 
 
 class AdtFeed:
     def __init__(self, db: Database, index: PatientIndex, domains: list[IdentifierDomain],
                  on_applied: Callable[[str], None] | None = None,
-                 audit: AuditRecorder | None = None) -> None:
+                 audit: AuditRecorder | None = None, unsupported_events: str = "AE") -> None:
+        if unsupported_events not in ("AE", "AA"):
+            raise ValueError("unsupported_events must be AE or AA")
+        self.unsupported_events = unsupported_events
         self.db = db
         self.index = index
         self.domains = domains
@@ -306,9 +321,19 @@ class AdtFeed:
         seen = _seen(conn, sender, ev.message_control_id)
         if seen is not None:
             return seen, False
+        if isinstance(ev, OtherEvent):  # recorded, not applied, and the sender is told so
+            if self.unsupported_events == "AA":
+                decision = AckDecision.accept(NOT_APPLIED_TEXT)
+            else:
+                decision = AckDecision.error(NOT_APPLIED_TEXT, *_UNSUPPORTED)
+            conn.execute(_MESSAGE_INSERT, {
+                "sender": sender, "control_id": ev.message_control_id,
+                "event_type": ev.event_type, "ack_code": decision.code,
+                "ack_text": NOT_APPLIED_TEXT, "received_at": utcnow()})
+            return decision, False
         outcome = self._apply_event(conn, ev)
         if outcome.ack != "AA":
-            return AckDecision.error(outcome.text, "207"), None
+            return AckDecision.error(outcome.text, *_error_code(outcome.text)), None
         conn.execute(_MESSAGE_INSERT, {
             "sender": sender, "control_id": ev.message_control_id,
             "event_type": ev.event_type, "ack_code": "AA", "ack_text": outcome.text,
@@ -360,6 +385,17 @@ class AdtFeed:
         if isinstance(ev, OtherEvent):
             return IndexOutcome(text="event recorded; not used by fhirbridge", applied=False)
         return IndexOutcome("AE", "unsupported event", False)
+
+
+def _error_code(text: str) -> tuple[str, tuple[str, int] | None]:
+    """HL7 table 0357 code and ERR-2 location for a patient index refusal: no identifier
+    in a configured domain / not known to the index → 204 unknown key identifier."""
+    if "no identifier in a configured domain" in text or "not known to the index" in text \
+            or "identifiers in a configured" in text:
+        return "204", ("MRG", 1) if text.startswith(("MRG-1", "A47: MRG-1")) else ("PID", 3)
+    if "in the domain of MRG-1" in text:
+        return "204", ("PID", 3)
+    return "207", None
 
 
 @contextmanager

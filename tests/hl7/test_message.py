@@ -21,8 +21,15 @@ from fhirbridge.hl7 import (
     decode_message,
     parse_adt,
 )
-from fhirbridge.hl7.ack import ack_bytes, rejection_ack
-from fhirbridge.hl7.message import Delimiters, decode_text, encode_text, parse_date, parse_dtm
+from fhirbridge.hl7.ack import ack_bytes, rejection_ack, reply_code
+from fhirbridge.hl7.message import (
+    Delimiters,
+    EscapeError,
+    decode_text,
+    encode_text,
+    parse_date,
+    parse_dtm,
+)
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "adt"
 PHI = ("Müller", "José", "MRN", "19840307", "1984", "Dupont", "4711")
@@ -232,8 +239,48 @@ def test_iso_ir87_japanese_charset() -> None:
 def test_enhanced_mode_fields_accepted() -> None:
     parsed = parse_adt(sample("a01.hl7"))  # MSH-15 AL, MSH-16 NE
     assert (parsed.header.accept_ack_type, parsed.header.application_ack_type) == ("AL", "NE")
-    ack = parse_ack(ack_bytes(parsed.header, AckDecision.accept()))
-    assert ack["MSA.1"] == "AA" and ack["MSH.15"] == "" and ack["MSH.16"] == ""
+    code = reply_code(parsed.header, "AA")  # v2.5.1 §2.9.3: accept ACK after the commit
+    ack = parse_ack(ack_bytes(parsed.header, AckDecision.accept(), ack_code=code))
+    assert ack["MSA.1"] == "CA" and ack["MSH.15"] == "" and ack["MSH.16"] == ""
+
+
+@pytest.mark.parametrize("msh15_16,aa,ae,ar", [
+    ("", "AA", "AE", "AR"),  # original mode unchanged
+    ("|||AL|NE", "CA", "CE", "CR"),
+    ("|||AL|AL", "CA", "CE", "CR"),  # no application ACK: MSH-16 treated as NE
+    ("||||AL", "CA", "CE", "CR"),  # enhanced, MSH-15 empty: accept ACK always
+    ("|||NE|NE", None, None, None),
+    ("|||SU|NE", "CA", None, None),
+    ("|||ER|NE", None, "CE", "CR"),
+])
+def test_reply_code_enhanced_mode(msh15_16: str, aa: str | None, ae: str | None,
+                                  ar: str | None) -> None:
+    header = parse_adt(msg(MSH_A08 + msh15_16, PID_OK)).header
+    assert [reply_code(header, c) for c in ("AA", "AE", "AR")] == [aa, ae, ar]
+
+
+@pytest.mark.parametrize("value", [
+    "M\\C2842\\ller",  # §2.7.2 single-byte character set switch
+    "\\M2442\\Yamada",  # §2.7.3 multi-byte switch
+    "M\\XFC0\\ller",  # odd number of hex digits
+    "M\\XGG\\ller",  # not hex
+])
+def test_unsupported_escapes_are_ae_102(value: str) -> None:
+    err = rejected(msg(MSH_A08, f"PID|1||MRN1^^^HOSP||{value}^José||19840307"))
+    assert (err.ack_code, err.reason_code) == ("AE", "102")
+    for phi in PHI:
+        assert phi not in err.text
+    with pytest.raises(EscapeError):
+        decode_text(value, Delimiters())
+
+
+def test_utf8_bytes_declared_8859_1_are_ae() -> None:
+    raw = msg(MSH_A08 + "||||||8859/1", PID_OK)  # UTF-8 bytes: would read "MÃ¼ller"
+    err = rejected(raw)
+    assert (err.ack_code, err.reason_code, err.location) == ("AE", "102", ("MSH", 18))
+    latin1 = msg(MSH_A08 + "||||||8859/1", PID_OK, encoding="latin-1")
+    name = parse_adt(latin1).event.patient.names[0]  # type: ignore[union-attr]
+    assert (name.family, name.given) == ("Müller", "José")
 
 
 def test_five_encoding_characters_v27() -> None:
@@ -252,46 +299,50 @@ def test_other_delimiters() -> None:
 
 
 # -- malformed input → MessageRejected with a table 0357 code ---------------------------------
-@pytest.mark.parametrize("raw,code", [
-    (b"", "100"),
-    (b"\x00\xff\xfe garbage \x0b\x1c\x01\x02" * 50, "100"),
-    (msg(PID_OK), "100"),  # no MSH
-    (msg("MSH|^~|ADT|HOSP|FB|HOSP|20261120||ADT^A08|C1|P|2.5.1", PID_OK), "102"),  # MSH-2
+@pytest.mark.parametrize("raw,code,ack", [  # AR: unusable MSH, version, type; AE: content
+    (b"", "100", "AR"),
+    (b"\x00\xff\xfe garbage \x0b\x1c\x01\x02" * 50, "100", "AR"),
+    (msg(PID_OK), "100", "AR"),  # no MSH
+    (msg("MSH|^~|ADT|HOSP|FB|HOSP|20261120||ADT^A08|C1|P|2.5.1", PID_OK), "102", "AR"),  # MSH-2
     (msg("MSH|^~\\&|ADT|HOSP|FB|HOSP|20261120||ADT^A08|C1|P|2.5.1||||||KLINGON", PID_OK),
-     "103"),
-    (msg(MSH_A08.replace("|2.5.1", "|9.9"), PID_OK), "203"),
-    (msg(MSH_A08.replace("|2.5.1", "|2.2"), PID_OK), "203"),
-    (msg(MSH_A08.replace("|2.5.1", "|"), PID_OK), "101"),
-    (msg(MSH_A08.replace("|CTRL-1|", "||"), PID_OK), "101"),
-    (msg(MSH_A08.replace("|20261120100000|", "||"), PID_OK), "101"),
-    (msg(MSH_A08.replace("|20261120100000|", "|yesterday|"), PID_OK), "102"),
-    (msg(MSH_A08.replace("ADT^A08^ADT_A01", "ORU^R01^ORU_R01"), PID_OK), "200"),
-    (msg(MSH_A08.replace("ADT^A08^ADT_A01", "ACK^A08^ACK"), "MSA|AA|X"), "200"),
-    (msg(MSH_A08.replace("ADT^A08^ADT_A01", "ADT"), PID_OK), "101"),  # no trigger anywhere
-    (msg(MSH_A08, "EVN|A08|20261340"), "102"),  # bad EVN-2
-    (msg(MSH_A08), "100"),  # A08 without PID
-    (msg(MSH_A08, "PID|1||^^^HOSP||Doe^John"), "101"),  # PID-3 empty
-    (msg(MSH_A08, PID_OK.replace("19840307", "19840231")), "102"),  # no 31 February
-    (msg(MSH_A08, "PID|1||MRN1||Doe||19840307|M|||||||||||||||||||||notadate"), "102"),
-    (msg(MSH_A08.replace("A08^ADT_A01", "A40"), "MRG|OLD1", PID_OK), "100"),
-    (msg(MSH_A08.replace("A08^ADT_A01", "A40"), PID_OK), "100"),
-    (msg(MSH_A08.replace("A08^ADT_A01", "A40"), PID_OK, "MRG|"), "101"),
-    (msg(MSH_A08.replace("A08^ADT_A01", "A47"), PID_OK, "MRG|O1", PID_OK, "MRG|O2"), "100"),
-    (msg(MSH_A08, "P\x01D|1||MRN1"), "100"),
-    (msg(MSH_A08, PID_OK, MSH_A08.replace("CTRL-1", "CTRL-2"), PID_OK), "100"),  # 2 messages
+     "103", "AR"),
+    (msg(MSH_A08.replace("|2.5.1", "|9.9"), PID_OK), "203", "AR"),
+    (msg(MSH_A08.replace("|2.5.1", "|2.2"), PID_OK), "203", "AR"),
+    (msg(MSH_A08.replace("|2.5.1", "|"), PID_OK), "101", "AR"),
+    (msg(MSH_A08.replace("|CTRL-1|", "||"), PID_OK), "101", "AR"),
+    (msg(MSH_A08.replace("|20261120100000|", "||"), PID_OK), "101", "AR"),
+    (msg(MSH_A08.replace("|20261120100000|", "|yesterday|"), PID_OK), "102", "AR"),
+    (msg(MSH_A08.replace("ADT^A08^ADT_A01", "ORU^R01^ORU_R01"), PID_OK), "200", "AR"),
+    (msg(MSH_A08.replace("ADT^A08^ADT_A01", "ACK^A08^ACK"), "MSA|AA|X"), "200", "AR"),
+    (msg(MSH_A08.replace("ADT^A08^ADT_A01", "ADT"), PID_OK), "101", "AR"),  # no trigger
+    (msg(MSH_A08, "EVN|A08|20261340"), "102", "AE"),  # bad EVN-2
+    (msg(MSH_A08), "100", "AE"),  # A08 without PID
+    (msg(MSH_A08, "PID|1||^^^HOSP||Doe^John"), "101", "AE"),  # PID-3 empty
+    (msg(MSH_A08, PID_OK.replace("19840307", "19840231")), "102", "AE"),  # no 31 February
+    (msg(MSH_A08, "PID|1||MRN1||Doe||19840307|M|||||||||||||||||||||notadate"), "102", "AE"),
+    (msg(MSH_A08.replace("A08^ADT_A01", "A40"), "MRG|OLD1", PID_OK), "100", "AE"),
+    (msg(MSH_A08.replace("A08^ADT_A01", "A40"), PID_OK), "100", "AE"),
+    (msg(MSH_A08.replace("A08^ADT_A01", "A40"), PID_OK, "MRG|"), "101", "AE"),
+    (msg(MSH_A08.replace("A08^ADT_A01", "A47"), PID_OK, "MRG|O1", PID_OK, "MRG|O2"), "100",
+     "AE"),
+    (msg(MSH_A08, "P\x01D|1||MRN1"), "100", "AR"),
+    (msg(MSH_A08, PID_OK, MSH_A08.replace("CTRL-1", "CTRL-2"), PID_OK), "100",
+     "AR"),  # 2 messages
 ])
-def test_rejections(raw: bytes, code: str) -> None:
+def test_rejections(raw: bytes, code: str, ack: str) -> None:
+    """v2.5.1 §2.9.2: AR for a message that cannot be processed (MSH, version, type); AE for
+    one whose content is wrong (many engines read AR as "resend later")."""
     err = rejected(raw)
     assert err.reason_code == code, err.text
-    assert err.ack_code == "AR"
+    assert err.ack_code == ack
     for phi in PHI:
         assert phi not in err.text
-    ack = rejection_ack(err)  # an AR can always be built
-    parsed = parse_ack(ack, err.header.encoding if err.header else "utf-8")
-    assert parsed["MSA.1"] == "AR"
+    reply = rejection_ack(err)  # an AR/AE can always be built
+    parsed = parse_ack(reply, err.header.encoding if err.header else "utf-8")
+    assert parsed["MSA.1"] == ack
     assert str(parsed.segment("ERR")).find(code) > 0
     for phi in PHI:
-        assert phi.encode() not in ack
+        assert phi.encode() not in reply
 
 
 def test_rejection_keeps_what_msh_says() -> None:
@@ -351,9 +402,10 @@ def test_ack_text_is_escaped_and_bounded() -> None:
     assert len(parsed.segment("MSA")) == 4
 
 
-def test_ack_code_must_be_original_mode() -> None:
+def test_ack_code_must_be_from_table_0008() -> None:
     with pytest.raises(ValueError):
-        build_ack(None, "CA")
+        build_ack(None, "XX")
+    assert "MSA|CA|" in build_ack(None, "CA")
 
 
 # -- building blocks ----------------------------------------------------------------------------
