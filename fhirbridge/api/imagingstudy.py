@@ -6,14 +6,24 @@ SMART scopes `ImagingStudy.r` / `.s`; a patient-bound token sees its patient's s
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 
 from fhirbridge.api.auth import Caller, note_audit, require_scope
 from fhirbridge.api.deps import services_of
 from fhirbridge.api.responses import fhir_response
+from fhirbridge.api.search import (
+    count_of,
+    date_clause,
+    keyset_page,
+    page_links,
+    self_link,
+    supported_parameters,
+    values_of,
+)
 from fhirbridge.fhir.outcome import FhirError
 from fhirbridge.fhir.task import searchset
 from fhirbridge.store.models import ImagingStudyRecord
@@ -34,37 +44,64 @@ def read_study(study_id: str, request: Request,
     return fhir_response(json.loads(rec.resource_json))
 
 
+STUDY_PARAMETERS = frozenset({"_id", "patient", "subject", "patient:identifier",
+                              "subject:identifier", "identifier", "_lastUpdated", "_summary",
+                              "_cursor"})
+
+
+def _patient_ref(value: str) -> str:
+    value = value.split("/fhir/")[-1].split("/_history")[0]
+    return value if value.startswith("Patient/") else f"Patient/{value}"
+
+
+def _study_uid(value: str) -> str | None:
+    """`urn:dicom:uid|urn:oid:1.2.3` (or a bare value) → the StudyInstanceUID; another
+    identifier system matches nothing (None)."""
+    system, _, uid = value.rpartition("|")
+    if system and system != "urn:dicom:uid":
+        return None
+    return uid.removeprefix("urn:oid:")
+
+
 @router.get("/fhir/ImagingStudy")
 def search_studies(request: Request,
                    caller: Caller = Depends(require_scope("ImagingStudy", "s"))) -> Response:
-    params = request.query_params
-    q = select(ImagingStudyRecord).order_by(ImagingStudyRecord.updated_at.desc()).limit(1000)
+    """R4 ImagingStudy search: `_id`, `patient`/`subject` (a reference, or `:identifier`
+    system|value for a patient known from ADT only), `identifier` (the StudyInstanceUID),
+    `_lastUpdated`; paged by `_count` with a `next` link (keyset on the id: studies written
+    meanwhile never shift a page), and `previous`."""
+    kept = supported_parameters(request, STUDY_PARAMETERS)
+    col = ImagingStudyRecord
+    where: list[Any] = []
+    for values in values_of(kept, "_id"):
+        where.append(col.id.in_(values))
+    for name in ("patient", "subject"):
+        for values in values_of(kept, name):
+            where.append(col.patient_ref.in_([_patient_ref(v) for v in values]))
+        for values in values_of(kept, f"{name}:identifier"):
+            where.append(col.patient_ref.in_(values))
+    for values in values_of(kept, "identifier"):
+        uids = [u for u in map(_study_uid, values) if u is not None]
+        where.append(col.study_instance_uid.in_(uids))
+    for values in values_of(kept, "_lastUpdated"):
+        where.append(or_(*[date_clause(col.updated_at, v, "_lastUpdated") for v in values]))
+    summary = values_of(kept, "_summary")
+    if summary and summary != [["count"]]:
+        raise FhirError(400, "not-supported", "_summary supports count only",
+                        expression="_summary")
     if caller.patient:  # whatever the query says, only the token's patient
-        q = q.where(ImagingStudyRecord.patient_ref == caller.bound_patient)
-    patient = params.get("patient") or params.get("subject")
-    if patient:
-        patient = patient.split("/fhir/")[-1]
-        if not patient.startswith("Patient/"):
-            patient = f"Patient/{patient}"
-        q = q.where(ImagingStudyRecord.patient_ref == patient)
-    by_ident = params.get("patient:identifier") or params.get("subject:identifier")
-    if by_ident:
-        q = q.where(ImagingStudyRecord.patient_ref == by_ident)
-    ident = params.get("identifier")
-    if ident:
-        system, _, value = ident.rpartition("|")
-        if system and system != "urn:dicom:uid":
-            return fhir_response(searchset([], str(request.url)))
-        uid = value.removeprefix("urn:oid:")
-        q = q.where(ImagingStudyRecord.study_instance_uid == uid)
-    known = {"patient", "subject", "patient:identifier", "subject:identifier", "identifier",
-             "_count", "_format"}
-    unknown = [k for k in params.keys() if k not in known]
-    if unknown:
-        raise FhirError(400, "not-supported", "unsupported search parameter(s): "
-                        + ", ".join(sorted(unknown)[:5]))
+        where.append(col.patient_ref == caller.bound_patient)
+    count = 0 if summary else count_of(kept)
     with services_of(request).db.session() as s:
-        rows = list(s.scalars(q))
-    for r in rows:
+        total = s.scalar(select(func.count()).select_from(col).where(*where)) or 0
+        # keyset on the id: studies written meanwhile never shift a page
+        rows, nxt, prev = keyset_page(s, select(col).where(*where), [col.id], False, kept,
+                                      count, lambda row: [row[0].id])
+    studies = [r[0] for r in rows]
+    for r in studies:
         note_audit(request, f"ImagingStudy/{r.id}", r.patient_ref)
-    return fhir_response(searchset([json.loads(r.resource_json) for r in rows], str(request.url)))
+    base = services_of(request).settings.fhir_base_url
+    bundle = searchset([json.loads(r.resource_json) for r in studies],
+                       self_link(base, "ImagingStudy", kept), total=total, base=base)
+    bundle["link"] += page_links(base, "ImagingStudy", kept, nxt, prev)
+    return fhir_response(bundle)

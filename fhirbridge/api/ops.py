@@ -113,7 +113,8 @@ def metadata(request: Request) -> Response:
     from fhirbridge.api.auth import oauth_uris
 
     verifier = services_of(request).verifier
-    return fhir_response(capability_statement(oauth_uris(verifier) if verifier else None))
+    return fhir_response(capability_statement(oauth_uris(verifier) if verifier else None,
+                                              services_of(request).settings.fhir_base_url))
 
 
 @router.get("/admin/jobs", dependencies=[Depends(require_operator)])

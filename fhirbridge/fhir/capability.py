@@ -12,6 +12,24 @@ from fhirbridge import __version__
 
 SECURITY_SERVICE = "http://terminology.hl7.org/CodeSystem/restful-security-service"
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+# R4 search.html 3.1.1.5: unknown parameters are refused unless the client asks for lenient
+# handling (medplum's choice; strict is the safer default for a PHI search)
+SEARCH_RULES = ("Search: any parameter not listed is refused with 400 (Prefer: handling=strict, "
+                "the default); with Prefer: handling=lenient it is ignored and left out of the "
+                "self link. Also _count (default 100, at most 1000; 0 or _summary=count gives "
+                "the total only), _format; next/previous links page on a stable key (no "
+                "repeat, no gap while resources are added). _lastUpdated takes the prefixes "
+                "eq, ne, gt, lt, ge, le; a comma is OR, a repeated parameter AND.")
+
+# Media / DocumentReference (R4 http.html): one version each ("1", meta.versionId, ETag), read
+# at the create's Location (vread); If-None-Exist with identifier=system|value (a portal's
+# safe retry): one match → 200 with it, several → 412
+UPLOAD_REST: dict[str, Any] = {
+    "interaction": [{"code": "create"}, {"code": "read"}, {"code": "vread"}],
+    "versioning": "versioned",
+    "readHistory": False,
+    "conditionalCreate": True,
+}
 
 
 def security(oauth: dict[str, str] | None = None) -> dict[str, Any]:
@@ -36,9 +54,13 @@ def security(oauth: dict[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
-def capability_statement(oauth: dict[str, str] | None = None) -> dict[str, Any]:
+DEFAULT_BASE = "http://127.0.0.1:8080/fhir"  # the published profile's (default settings)
+
+
+def capability_statement(oauth: dict[str, str] | None = None,
+                         base: str = DEFAULT_BASE) -> dict[str, Any]:
     """`oauth`: {"token": url, "authorize": url} of the configured issuer, or None (the
-    published profile)."""
+    published profile). `base`: the public FHIR base of this instance (Settings.fhir_base_url)."""
     return {
         "resourceType": "CapabilityStatement",
         "id": "fhirbridge",
@@ -51,8 +73,12 @@ def capability_statement(oauth: dict[str, str] | None = None) -> dict[str, Any]:
         "publisher": "fhirbridge",
         "kind": "instance",
         "software": {"name": "fhirbridge", "version": __version__},
+        # R4 cpb-14: kind = instance needs `implementation` (this installation, at its base)
+        "implementation": {"description": "fhirbridge: patient photos, videos and documents "
+                                          "into DICOM", "url": base},
         "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json", "json"],
+        # JSON only: XML is answered 406 (R4 http.html#mime)
+        "format": ["json", "application/fhir+json"],
         "rest": [{
             "mode": "server",
             "documentation": "Uploads are accepted durably (201) and processed in the "
@@ -67,14 +93,14 @@ def capability_statement(oauth: dict[str, str] | None = None) -> dict[str, Any]:
                                      "image/jpeg, image/png, image/heic, image/heif, image/webp, "
                                      "video/mp4, video/quicktime; subject = Patient reference or "
                                      "identifier.",
-                    "interaction": [{"code": "create"}, {"code": "read"}],
+                    **UPLOAD_REST,
                 },
                 {
                     "type": "DocumentReference",
                     "documentation": "content[].attachment as for Media, plus application/pdf "
                                      "(Encapsulated PDF); context.sourcePatientInfo is evidence "
                                      "only; relatesTo replaces supersedes an earlier upload.",
-                    "interaction": [{"code": "create"}, {"code": "read"}],
+                    **UPLOAD_REST,
                 },
                 {
                     "type": "Binary",
@@ -86,16 +112,30 @@ def capability_statement(oauth: dict[str, str] | None = None) -> dict[str, Any]:
                 },
                 {
                     "type": "Task",
+                    "documentation": SEARCH_RULES + " patient/subject: the patient the upload "
+                                     "was made for with a patient-bound token or stored under "
+                                     "after identity matching (not the unverified subject the "
+                                     "upload named); an unknown patient matches nothing.",
                     "interaction": [{"code": "read"}, {"code": "search-type"}],
                     "searchParam": [
+                        {"name": "_id", "type": "token"},
+                        {"name": "_lastUpdated", "type": "date"},
                         {"name": "focus", "type": "reference"},
+                        {"name": "patient", "type": "reference"},
+                        {"name": "subject", "type": "reference"},
                         {"name": "status", "type": "token"},
                     ],
                 },
                 {
                     "type": "ImagingStudy",
+                    "documentation": SEARCH_RULES + " patient:identifier / subject:identifier "
+                                     "(system|value) find studies of a patient known from ADT "
+                                     "only; identifier is the StudyInstanceUID "
+                                     "(urn:dicom:uid|urn:oid:…).",
                     "interaction": [{"code": "read"}, {"code": "search-type"}],
                     "searchParam": [
+                        {"name": "_id", "type": "token"},
+                        {"name": "_lastUpdated", "type": "date"},
                         {"name": "patient", "type": "reference"},
                         {"name": "subject", "type": "reference"},
                         {"name": "identifier", "type": "token"},

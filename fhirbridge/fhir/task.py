@@ -49,13 +49,15 @@ def _instant(dt: datetime | None) -> str:
 
 
 def searchset(resources: list[dict[str, Any]], self_url: str,
-              total: int | None = None) -> dict[str, Any]:
-    """FHIR R4 searchset Bundle; `total` is the number of matches (entries may be fewer)."""
+              total: int | None = None, base: str = "") -> dict[str, Any]:
+    """FHIR R4 searchset Bundle; `total` is the number of matches (entries may be fewer);
+    `fullUrl` absolute under `base` (R4 bundle.html bdl-7: the server's base URL)."""
+    prefix = f"{base.rstrip('/')}/" if base else ""
     return {
         "resourceType": "Bundle",
         "type": "searchset",
         "total": len(resources) if total is None else total,
         "link": [{"relation": "self", "url": self_url}],
-        "entry": [{"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r,
+        "entry": [{"fullUrl": f"{prefix}{r['resourceType']}/{r['id']}", "resource": r,
                    "search": {"mode": "match"}} for r in resources],
     }
