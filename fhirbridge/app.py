@@ -251,6 +251,9 @@ def create_app(services: Services, *, workers: int | None = None,
     app.include_router(binary.router)
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.http.max_body_bytes,
                        raw_limits=binary.raw_limits(services.settings.media.max_binary_bytes))
+    from fhirbridge.api.negotiation import FhirCharset, FormatNegotiation
+
+    app.add_middleware(FormatNegotiation)  # XML asked → 406 (inside audit: refusals audited)
     from fhirbridge.api import auditevent
     from fhirbridge.audit.middleware import AuditMiddleware
     from fhirbridge.audit.recorder import subject_of
@@ -264,6 +267,7 @@ def create_app(services: Services, *, workers: int | None = None,
     app.add_middleware(RequestTimeout, seconds=services.settings.http.request_timeout_seconds)
     app.add_middleware(ConcurrencyLimit,
                        max_requests=services.settings.http.max_concurrent_requests)
+    app.add_middleware(FhirCharset)  # outermost: every FHIR JSON answer says charset=utf-8
     return app
 
 

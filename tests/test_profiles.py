@@ -70,6 +70,7 @@ def declared() -> dict[str, set[str]]:
 INTERACTION_ROUTE = {
     "create": ("POST", "/fhir/{type}"),
     "read": ("GET", "/fhir/{type}/{id}"),
+    "vread": ("GET", "/fhir/{type}/{id}/_history/{id}"),
     "search-type": ("GET", "/fhir/{type}"),
 }
 
@@ -88,7 +89,7 @@ def test_metadata_endpoint_serves_it(app: FastAPI):
     with TestClient(app) as client:
         response = client.get("/fhir/metadata")
     assert response.status_code == 200
-    assert response.headers["content-type"] == "application/fhir+json"
+    assert response.headers["content-type"] == "application/fhir+json; charset=utf-8"
     assert response.json() == json.loads(PROFILE.read_text(encoding="utf-8"))
     security = response.json()["rest"][0]["security"]
     assert security["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"

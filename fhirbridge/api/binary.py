@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from fhirbridge.adapters.blobs import BlobTooLarge
 from fhirbridge.api.auth import Caller, note_audit, require_scope
 from fhirbridge.api.deps import services_of
-from fhirbridge.api.responses import fhir_response
+from fhirbridge.api.responses import fhir_response, version_headers
 from fhirbridge.fhir.jsonbody import load_json
 from fhirbridge.fhir.media import strict_b64decode
 from fhirbridge.fhir.outcome import FhirError
@@ -91,7 +91,8 @@ async def create_binary(request: Request,
     note_audit(request, f"Binary/{record.id}", caller.bound_patient)
     base = svc.settings.fhir_base_url
     return fhir_response(_resource(record), 201, headers={
-        "Location": f"{base}/Binary/{record.id}", "ETag": 'W/"1"'})
+        "Location": f"{base}/Binary/{record.id}",
+        **version_headers("1", record.created_at)})
 
 
 @router.get(PATH + "/{binary_id}")
@@ -109,12 +110,13 @@ async def read_binary(binary_id: str, request: Request,
         if record.size <= INLINE_DATA_MAX:
             data = await svc.run_sync(svc.blobs.get, record.blob_path)
             resource["data"] = base64.b64encode(data).decode("ascii")
-        return fhir_response(resource, headers={"ETag": 'W/"1"'})
+        return fhir_response(resource, headers=version_headers("1", record.created_at))
     path = svc.blobs.path(record.blob_path)
     if not path.is_file():
         raise FhirError(404, "not-found", "the content of this Binary is no longer held")
-    return FileResponse(path, media_type=record.content_type,
-                        headers={"ETag": f'"{record.sha256}"'})
+    return FileResponse(path, media_type=record.content_type, headers={
+        "ETag": f'"{record.sha256}"',
+        "Last-Modified": version_headers("1", record.created_at)["Last-Modified"]})
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+from datetime import datetime, timezone
+from email.utils import format_datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,13 +17,66 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fhirbridge.fhir.outcome import FhirError, operation_outcome
 
 FHIR_JSON = "application/fhir+json"
+FHIR_JSON_UTF8 = "application/fhir+json; charset=utf-8"  # R4 http.html#mime: say the charset
 log = logging.getLogger("fhirbridge.api")
 
 
 def fhir_response(resource: dict[str, Any], status: int = 200,
                   headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(resource), status_code=status, media_type=FHIR_JSON,
+    return Response(json.dumps(resource), status_code=status, media_type=FHIR_JSON_UTF8,
                     headers=headers)
+
+
+def fhir_instant(dt: datetime) -> str:
+    """A FHIR `instant` in UTC with milliseconds (meta.lastUpdated)."""
+    if dt.tzinfo is None:  # SQLite gives naive datetimes back; they were written in UTC
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def version_headers(version: str, modified: datetime) -> dict[str, str]:
+    """`ETag: W/"n"` (R4 http.html#versioning) and `Last-Modified` (RFC 9110 8.8.2)."""
+    if modified.tzinfo is None:
+        modified = modified.replace(tzinfo=timezone.utc)
+    return {"ETag": f'W/"{version}"',
+            "Last-Modified": format_datetime(modified.astimezone(timezone.utc), usegmt=True)}
+
+
+def version_of(modified: datetime) -> str:
+    """A version id for a resource kept without history: its last-modified instant in ms."""
+    if modified.tzinfo is None:
+        modified = modified.replace(tzinfo=timezone.utc)
+    return str(int(modified.timestamp() * 1000))
+
+
+RETURN_PREFERENCES = ("minimal", "representation", "OperationOutcome")
+
+
+def prefer_return(request: Request) -> str:
+    """`Prefer: return=…` (R4 http.html#ops, RFC 7240): minimal | representation |
+    OperationOutcome; absent or not one of those → representation (a preference the server
+    does not know is ignored, RFC 7240 2)."""
+    for part in request.headers.get("prefer", "").replace(";", ",").split(","):
+        name, _, value = part.strip().partition("=")
+        value = value.strip().strip('"')
+        if name.strip().lower() == "return" and value in RETURN_PREFERENCES:
+            return value
+    return "representation"
+
+
+def preferred_response(request: Request, resource: dict[str, Any], status: int,
+                       headers: dict[str, str], outcome_text: str) -> Response:
+    """A create's answer as `Prefer: return=` asks: the resource, no body, or an
+    OperationOutcome saying what happened (`outcome_text`, never PHI)."""
+    wanted = prefer_return(request)
+    if "return=" in request.headers.get("prefer", ""):
+        headers = dict(headers, **{"Preference-Applied": f"return={wanted}"})
+    if wanted == "minimal":
+        return Response(status_code=status, headers=headers)
+    if wanted == "OperationOutcome":
+        return fhir_response(operation_outcome("informational", outcome_text,
+                                               severity="information"), status, headers)
+    return fhir_response(resource, status, headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import func, or_, select
 
 from fhirbridge.api.auth import Caller, note_audit, require_scope
 from fhirbridge.api.deps import services_of
-from fhirbridge.api.responses import fhir_response
+from fhirbridge.api.responses import fhir_response, version_headers, version_of
 from fhirbridge.api.search import (
     count_of,
     date_clause,
@@ -44,7 +44,12 @@ def read_task(task_id: str, request: Request,
         raise FhirError(404, "not-found", "no such Task")
     task, bound = row
     note_audit(request, f"Task/{task.id}", bound)
-    return fhir_response(task_resource(task))
+    # a Task changes as its upload is processed: its version is its last-modified instant in
+    # ms, a weak validator (R4 http.html#versioning; no _history of Tasks is kept)
+    version = version_of(task.last_modified)
+    resource = task_resource(task)
+    resource["meta"] = dict(resource.get("meta") or {}, versionId=version)
+    return fhir_response(resource, headers=version_headers(version, task.last_modified))
 
 
 TASK_PARAMETERS = frozenset({"_id", "focus", "patient", "subject", "status", "_lastUpdated",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -23,11 +24,16 @@ from fhirbridge.api.auth import (
 )
 from fhirbridge.api.binary import find_binary
 from fhirbridge.api.deps import services_of
-from fhirbridge.api.responses import fhir_response
+from fhirbridge.api.responses import (
+    fhir_instant,
+    fhir_response,
+    preferred_response,
+    version_headers,
+)
 from fhirbridge.fhir.bundle import BinaryEntry, parse_bundle, response_bundle
 from fhirbridge.fhir.documentreference import parse_document_reference
 from fhirbridge.fhir.media import parse_media
-from fhirbridge.fhir.outcome import FhirError
+from fhirbridge.fhir.outcome import FhirError, operation_outcome
 from fhirbridge.fhir.upload import InboundUpload
 from fhirbridge.pipeline.intake import (
     Accepted,
@@ -36,6 +42,9 @@ from fhirbridge.pipeline.intake import (
     accept_bundle,
     accept_upload,
     check_bound_patient,
+    conditional_criteria,
+    find_existing,
+    task_of,
     stage,
 )
 from fhirbridge.store.db import Database
@@ -53,9 +62,21 @@ async def _body(request: Request) -> bytes:
     return await request.body()
 
 
+VERSION = "1"  # an upload is never updated: its one version (R4 http.html#versioning)
+
+
+def _with_meta(resource: dict[str, Any], received_at: datetime) -> dict[str, Any]:
+    """meta.versionId and meta.lastUpdated are the server's (R4 resource.html#Meta); the
+    client's other meta (profile, tag, security) is kept."""
+    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    return dict(resource, meta=dict(meta, versionId=VERSION,
+                                    lastUpdated=fhir_instant(received_at)))
+
+
 def _created(inbound: InboundUpload, accepted: Accepted) -> dict[str, Any]:
-    """The stored resource as answered: our id, attachment data left out."""
-    resource = dict(inbound.resource, id=accepted.resource_id)
+    """The stored resource as answered: our id, meta, attachment data left out."""
+    resource = _with_meta(dict(inbound.resource, id=accepted.resource_id),
+                          accepted.received_at or datetime.now(timezone.utc))
     if accepted.resource_type == "Media":
         resource["content"] = {k: v for k, v in resource.get("content", {}).items()
                                if k != "data"}
@@ -66,9 +87,11 @@ def _created(inbound: InboundUpload, accepted: Accepted) -> dict[str, Any]:
     return resource
 
 
-def _location(request: Request, accepted: Accepted) -> str:
+def _location(request: Request, accepted: Accepted | Submission) -> str:
     base = services_of(request).settings.fhir_base_url
-    return f"{base}/{accepted.resource_type}/{accepted.resource_id}/_history/1"
+    if isinstance(accepted, Submission):
+        return f"{base}/{accepted.resource_type}/{accepted.id}/_history/{VERSION}"
+    return f"{base}/{accepted.resource_type}/{accepted.resource_id}/_history/{VERSION}"
 
 
 async def _check_bound(request: Request, caller: Caller, uploads: list[InboundUpload]) -> None:
@@ -109,20 +132,53 @@ def _audit_patient(inbound: InboundUpload, caller: Caller) -> str:
 
 async def _create(request: Request, resource_type: str, caller: Caller) -> Response:
     svc = services_of(request)
+    condition = request.headers.get("if-none-exist")
+    criteria = conditional_criteria(condition) if condition is not None else None
     body = await _body(request)
     ctx = svc.intake_context()
     inbound = await svc.run_sync(partial(_PARSERS[resource_type], limits=ctx.limits,
                                          probe_video=ctx.probe_video), body)
     await _check_bound(request, caller, [inbound])
+    if criteria is not None:  # R4 http.html#ccreate: before anything is staged
+        found = await svc.run_sync(partial(find_existing, bound_patient=caller.bound_patient),
+                                   svc.db, resource_type, criteria)
+        if len(found) > 1:
+            raise FhirError(412, "duplicate", f"several {resource_type} resources match "
+                            "If-None-Exist; nothing was stored")
+        if found:
+            return await svc.run_sync(_existing, request, found[0], caller)
     _bind(request, ctx, caller)
     accepted = await svc.run_sync(accept_upload, svc.db, ctx, inbound)
     note_audit(request, f"{resource_type}/{accepted.resource_id}",
                _audit_patient(inbound, caller))
     svc.metrics.uploads_accepted.inc()
-    return fhir_response(_created(inbound, accepted), 201, headers={
-        "Location": _location(request, accepted),
-        "X-Task": f"Task/{accepted.task_id}",
-    })
+    headers = {"Location": _location(request, accepted), "X-Task": f"Task/{accepted.task_id}",
+               **version_headers(VERSION, accepted.received_at or datetime.now(timezone.utc))}
+    return preferred_response(
+        request, _created(inbound, accepted), 201, headers,
+        f"created {resource_type}/{accepted.resource_id}; Task/{accepted.task_id} reports "
+        "its progress")
+
+
+def _existing(request: Request, sub: Submission, caller: Caller) -> Response:
+    """Conditional create, one match (R4 http.html#ccreate): 200 with the upload already
+    held, nothing new stored. The resource itself only to a caller who may read it."""
+    db = services_of(request).db
+    task_id = task_of(db, sub.id)
+    headers = {"Location": _location(request, sub),
+               **version_headers(VERSION, sub.received_at)}
+    if task_id:
+        headers["X-Task"] = f"Task/{task_id}"
+    text = (f"{sub.resource_type}/{sub.id} matches If-None-Exist and is already held; "
+            f"nothing new was stored" + (f"; Task/{task_id} reports its progress"
+                                         if task_id else ""))
+    try:
+        authorize(caller, sub.resource_type, "r")
+    except FhirError:  # may create but not read: where it is, not what it says
+        return fhir_response(operation_outcome("informational", text,
+                                               severity="information"), 200, headers)
+    note_audit(request, f"{sub.resource_type}/{sub.id}", submission_patient(db, sub))
+    return preferred_response(request, _stored_view(sub), 200, headers, text)
 
 
 @router.post("/fhir/Media")
@@ -240,11 +296,24 @@ def read_media(resource_id: str, request: Request,
     return _read(request, "Media", resource_id, caller)
 
 
+@router.get("/fhir/Media/{resource_id}/_history/{version_id}")
+def vread_media(resource_id: str, version_id: str, request: Request,
+                caller: Caller = Depends(require_scope("Media", "r"))) -> Response:
+    return _read(request, "Media", resource_id, caller, version_id)
+
+
 @router.get("/fhir/DocumentReference/{resource_id}")
 def read_document_reference(
         resource_id: str, request: Request,
         caller: Caller = Depends(require_scope("DocumentReference", "r"))) -> Response:
     return _read(request, "DocumentReference", resource_id, caller)
+
+
+@router.get("/fhir/DocumentReference/{resource_id}/_history/{version_id}")
+def vread_document_reference(
+        resource_id: str, version_id: str, request: Request,
+        caller: Caller = Depends(require_scope("DocumentReference", "r"))) -> Response:
+    return _read(request, "DocumentReference", resource_id, caller, version_id)
 
 
 def submission_of_patient(bound: str) -> Any:
@@ -270,7 +339,19 @@ def submission_patient(db: Database, sub: Submission) -> str:
     return m.group(1) if m else ""
 
 
-def _read(request: Request, resource_type: str, resource_id: str, caller: Caller) -> Response:
+def _stored_view(sub: Submission) -> dict[str, Any]:
+    """The upload as read: stored JSON, server meta, DocumentReference status superseded
+    once a replacement has completed."""
+    resource = _with_meta(json.loads(sub.resource_json), sub.received_at)
+    if sub.superseded_by and sub.resource_type == "DocumentReference":
+        resource["status"] = "superseded"
+    return resource
+
+
+def _read(request: Request, resource_type: str, resource_id: str, caller: Caller,
+          version_id: str | None = None) -> Response:
+    """read, or vread of `_history/{version_id}` (R4 http.html#vread): an upload has one
+    version, "1"; any other is 404 like an unknown id."""
     svc = services_of(request)
     with svc.db.session() as s:
         sub = s.get(Submission, resource_id)
@@ -280,8 +361,8 @@ def _read(request: Request, resource_type: str, resource_id: str, caller: Caller
             sub = None  # another patient's upload: as if it did not exist
     if sub is None or sub.resource_type != resource_type:
         raise FhirError(404, "not-found", f"no such {resource_type}")
+    if version_id is not None and version_id != VERSION:
+        raise FhirError(404, "not-found", f"no such version of this {resource_type} (only "
+                        f"version {VERSION} exists)")
     note_audit(request, f"{resource_type}/{sub.id}", submission_patient(svc.db, sub))
-    resource = json.loads(sub.resource_json)
-    if sub.superseded_by and resource_type == "DocumentReference":
-        resource["status"] = "superseded"
-    return fhir_response(resource)
+    return fhir_response(_stored_view(sub), headers=version_headers(VERSION, sub.received_at))

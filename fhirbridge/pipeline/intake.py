@@ -11,9 +11,12 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
+from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
 from fhirbridge.adapters.attachments import local_binary_id
@@ -24,7 +27,7 @@ from fhirbridge.media.kinds import SERIES_NUMBER, VIDEO, MediaLimits
 from fhirbridge.media.sniff import content_type_matches, sniff_content_type
 from fhirbridge.pipeline.queue import enqueue
 from fhirbridge.store.db import Database
-from fhirbridge.store.models import Submission, Task
+from fhirbridge.store.models import StoredInstance, Submission, Task
 
 UPLOAD_JOB = "upload"
 
@@ -34,6 +37,7 @@ class Accepted:
     resource_type: str
     resource_id: str
     task_id: str
+    received_at: datetime | None = None  # meta.lastUpdated of version 1
 
 
 @dataclass(frozen=True)
@@ -239,8 +243,10 @@ def _record(s: Session, inbound: InboundUpload, staged: list[dict[str, Any]],
     resource = dict(inbound.resource)
     resource["id"] = resource_id
     first = staged[0]
+    received_at = datetime.now(timezone.utc)
     s.add(Submission(
         id=resource_id,
+        received_at=received_at,
         resource_type=inbound.resource_type,
         resource_json=json.dumps(resource),
         content_type=first["content_type"],
@@ -257,4 +263,82 @@ def _record(s: Session, inbound: InboundUpload, staged: list[dict[str, Any]],
     s.add(Task(id=task_id, submission_id=resource_id,
                focus=f"{inbound.resource_type}/{resource_id}", status="requested"))
     enqueue(s, UPLOAD_JOB, resource_id)
-    return Accepted(inbound.resource_type, resource_id, task_id)
+    return Accepted(inbound.resource_type, resource_id, task_id, received_at)
+
+
+# --- conditional create (FHIR R4 http.html#ccreate) --------------------------------------------
+
+CONDITIONAL_PARAMETERS = frozenset({"identifier"})
+
+
+def conditional_criteria(raw: str) -> list[tuple[str, str]]:
+    """`If-None-Exist` (or a Bundle entry's `request.ifNoneExist`): a search query without
+    `?`. Only `identifier` (token: `system|value`, `|value`, `value`) is supported; any other
+    parameter is refused with 400 rather than ignored (R4 search.html#errors)."""
+    raw = raw.strip()
+    if "?" in raw:  # `Media?identifier=…`: the query part only
+        raw = raw.split("?", 1)[1]
+    pairs = parse_qsl(raw, keep_blank_values=True)
+    if not pairs:
+        raise FhirError(400, "invalid", "If-None-Exist needs a search such as "
+                        "identifier=system|value")
+    for name, value in pairs:
+        if name not in CONDITIONAL_PARAMETERS:
+            raise FhirError(400, "not-supported", "If-None-Exist supports the identifier "
+                            "parameter only (identifier=system|value)")
+        if not all(v.rpartition("|")[2] for v in value.split(",")):
+            raise FhirError(400, "invalid", "If-None-Exist identifier needs a value "
+                            "(identifier=system|value)")
+    return pairs
+
+
+def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
+    """identifier (and DocumentReference.masterIdentifier): the `identifier` search param."""
+    idents = resource.get("identifier")
+    items = list(idents) if isinstance(idents, list) else []
+    if isinstance(resource.get("masterIdentifier"), dict):
+        items.append(resource["masterIdentifier"])
+    return [(str(i.get("system") or ""), i["value"]) for i in items
+            if isinstance(i, dict) and isinstance(i.get("value"), str)]
+
+
+def _token_matches(token: str, idents: list[tuple[str, str]]) -> bool:
+    """R4 search.html#token: `system|value`, `|value` (no system), `value` (any system)."""
+    if "|" not in token:
+        return any(v == token for _, v in idents)
+    system, _, value = token.partition("|")
+    return any(v == value and sys == system for sys, v in idents)
+
+
+def _contains(text: str) -> str:
+    """A LIKE pattern: `text` anywhere, its wildcards escaped (escape character `!`)."""
+    return "%" + text.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+
+
+def find_existing(db: Database, resource_type: str, criteria: list[tuple[str, str]], *,
+                  bound_patient: str = "") -> list[Submission]:
+    """The uploads of `resource_type` matching conditional-create `criteria` (from
+    `conditional_criteria`): repeated parameters AND, comma-separated values OR. With a
+    patient-bound token (`bound_patient`), only that patient's uploads can match: another
+    patient's upload is neither revealed nor counted (the create goes ahead as a new one)."""
+    tokens = [value.split(",") for name, value in criteria if name == "identifier"]
+    q = select(Submission).where(Submission.resource_type == resource_type)
+    for alternatives in tokens:  # a cheap pre-filter on the stored JSON, checked exactly below
+        q = q.where(or_(*[Submission.resource_json.like(
+            _contains(json.dumps(t.rpartition("|")[2])), escape="!") for t in alternatives]))
+    if bound_patient:  # uploaded with that patient's token, or stored under that patient
+        stored = exists().where(StoredInstance.submission_id == Submission.id,
+                                StoredInstance.patient_ref == bound_patient)
+        q = q.where((Submission.bound_patient == bound_patient) | stored)
+    with db.session() as s:
+        rows = list(s.scalars(q.order_by(Submission.received_at)))
+        s.expunge_all()
+    return [sub for sub in rows
+            if all(any(_token_matches(t, _identifiers(json.loads(sub.resource_json)))
+                       for t in alts) for alts in tokens)]
+
+
+def task_of(db: Database, submission_id: str) -> str:
+    """The id of the Task that reports an upload's progress ("" if none)."""
+    with db.session() as s:
+        return s.scalar(select(Task.id).where(Task.submission_id == submission_id)) or ""
