@@ -9,6 +9,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fhirbridge.dicom.anatomy import anatomy_display
 from fhirbridge.dicom.build import build_object, prepare_media
 from fhirbridge.dicom.context import CodedConcept, PatientDemographics, StudyContext
 from fhirbridge.dicom.io import write_dataset
@@ -69,7 +70,8 @@ def dicomize(args: argparse.Namespace) -> int:
         sop_instance_uid=uid_from("sop", key),
         content_datetime=media.captured or mtime,
         series_number=SERIES_NUMBER[kind],
-        anatomic_region=CodedConcept(args.body_site, "SCT", args.body_site)
+        # CodeMeaning: the display the service writes for this code, not the code itself
+        anatomic_region=CodedConcept(args.body_site, "SCT", anatomy_display(args.body_site))
         if args.body_site else None,
         laterality=args.laterality,
         study_description="Patient-generated media",

@@ -20,7 +20,7 @@ media = {
     }],
     "subject": {"type": "Patient", "identifier": {
         "system": "urn:oid:2.16.840.1.113883.3.7777", "value": "MRN12345"}},
-    "createdDateTime": "2026-11-20T09:15:00+01:00",
+    "createdDateTime": "2024-05-01T14:30:05+02:00",  # the photo's EXIF capture time
     "bodySite": {
         "coding": [{"system": "http://snomed.info/sct", "code": "40983000",
                     "display": "Upper arm structure"}],

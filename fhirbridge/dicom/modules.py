@@ -9,10 +9,11 @@ Photographic Image (video.py) builders:
   109102 "Processing Equipment") and the source, Instance Origin Status IMPORTED (IHE IRWF.b).
 - Anatomy: Anatomic Region Sequence and Image Laterality / series Laterality.
 
-Dates and times: when the content (or study) datetime is timezone-aware, Timezone Offset From
-UTC is set to its offset and every DA/TM of the object (study, series, content, instance
-creation) is written in that offset, as PS3.3 C.12.1.1.8 requires. DT values carry their own
-offset.
+Dates and times, one rule (docs/decisions.md): when the content (or study) datetime is
+timezone-aware, Timezone Offset From UTC is set to its offset and every date and time of the
+object is written in that offset, as PS3.3 C.12.1.1.8 requires: DA/TM (study, series, content,
+instance creation) and DT too (acquisition from EXIF, contribution), each DT with that same
+offset as its suffix, so no two values of one object speak of different zones.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
 from fhirbridge import __version__
+from fhirbridge.dicom.anatomy import SNOMED_ANATOMY
 from fhirbridge.dicom.context import CodedConcept, PatientDemographics, StudyContext
 from fhirbridge.dicom.uids import IMPLEMENTATION_CLASS_UID
 
@@ -82,6 +84,12 @@ def _dt(dt: datetime) -> str:
     return text + (_offset(off) if off is not None else "")
 
 
+def _dt_in(dt: datetime, zone: tzinfo | None) -> str:
+    """A DT value in the object's zone (an aware value converted, with the zone's offset as
+    suffix); a naive value is already the object's local time (PS3.3 C.12.1.1.8)."""
+    return _dt(_in_zone(dt, zone))
+
+
 def _in_zone(dt: datetime, zone: tzinfo | None) -> datetime:
     if zone is not None and dt.tzinfo is not None:
         return dt.astimezone(zone)
@@ -105,7 +113,10 @@ def _code_item(code: CodedConcept) -> Dataset:
     else:
         item.CodeValue = value
     item.CodingSchemeDesignator = _lo(code.scheme or "SCT", 16)
-    item.CodeMeaning = _lo(code.meaning or value)
+    meaning = code.meaning if code.meaning and code.meaning != value else ""
+    if not meaning and (code.scheme or "SCT") == "SCT":
+        meaning = SNOMED_ANATOMY.get(value, "")  # the display, not the code (PS3.3 8.8)
+    item.CodeMeaning = _lo(meaning or value)
     return item
 
 
@@ -239,14 +250,15 @@ def add_anatomy(ds: Dataset, ctx: StudyContext) -> None:
         ds.Laterality = ""
 
 
-def add_contributing_equipment(ds: Dataset, ctx: StudyContext, *, now: datetime) -> None:
+def add_contributing_equipment(ds: Dataset, ctx: StudyContext, *, now: datetime,
+                               zone: tzinfo | None = None) -> None:
     """SOP Common Contributing Equipment Sequence: who made this object, from what."""
     equipment = Dataset()
     equipment.PurposeOfReferenceCodeSequence = Sequence([_code_item(
         CodedConcept("109102", "DCM", "Processing Equipment"))])
     equipment.Manufacturer = "fhirbridge"
     equipment.SoftwareVersions = SOFTWARE_VERSION
-    equipment.ContributionDateTime = _dt(now)
+    equipment.ContributionDateTime = _dt_in(now, zone)
     if ctx.source_description:
         equipment.ContributionDescription = _lt(ctx.source_description, 1024)
     ds.ContributingEquipmentSequence = Sequence([equipment])

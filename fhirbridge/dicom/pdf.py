@@ -36,7 +36,7 @@ from fhirbridge.dicom.context import PatientDemographics, StudyContext
 from fhirbridge.dicom.modules import (
     SOFTWARE_VERSION,
     _da,
-    _dt,
+    _dt_in,
     _in_zone,
     _lo,
     _tm,
@@ -91,7 +91,7 @@ def build_encapsulated_pdf(pdf: PreparedPdf, patient: PatientDemographics, ctx: 
     if ctx.content_datetime is not None:
         c = _in_zone(ctx.content_datetime, zone)
         ds.ContentDate, ds.ContentTime = _da(c), _tm(c)
-        ds.AcquisitionDateTime = _dt(ctx.content_datetime)
+        ds.AcquisitionDateTime = _dt_in(ctx.content_datetime, zone)
     else:
         ds.ContentDate, ds.ContentTime = "", ""
         ds.AcquisitionDateTime = ""
@@ -103,5 +103,5 @@ def build_encapsulated_pdf(pdf: PreparedPdf, patient: PatientDemographics, ctx: 
     ds.EncapsulatedDocument = data + b"\x00" if len(data) % 2 else data
     ds.EncapsulatedDocumentLength = len(data)
 
-    add_contributing_equipment(ds, ctx, now=now)
+    add_contributing_equipment(ds, ctx, now=now, zone=zone)
     return ds

@@ -9,8 +9,8 @@ VL Photographic Acquisition (exposure time, f-number, focal length from EXIF), S
 those three numbers, the camera make/model and the capture time; never GPS.
 
 Dates and times: when the content datetime is timezone-aware, TimezoneOffsetFromUTC is set to
-its offset and every DA/TM in the object (study, series, content, instance creation) is
-written in that offset, as PS3.3 C.12.1.1.8 requires.
+its offset and every date and time in the object (DA/TM and DT, the EXIF capture time
+included) is written in that offset, as PS3.3 C.12.1.1.8 requires (modules.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fhirbridge.dicom.modules import (
     IMPLEMENTATION_VERSION_NAME,
     SOFTWARE_VERSION,
     _ds,
-    _dt,
+    _dt_in,
     _lt,
     add_anatomy,
     add_camera_image,
@@ -82,7 +82,7 @@ def build_vl_photographic(photo: PreparedPhoto, patient: PatientDemographics,
     add_content_datetime(ds, ctx, zone=zone)
     acquired = photo.exif.datetime_original or ctx.content_datetime
     if acquired is not None:
-        ds.AcquisitionDateTime = _dt(acquired)
+        ds.AcquisitionDateTime = _dt_in(acquired, zone)
     if photo.derived and photo.derivation_description:
         ds.DerivationDescription = _lt(photo.derivation_description, 1024)
     add_camera_image(ds, ctx)
@@ -129,7 +129,7 @@ def build_vl_photographic(photo: PreparedPhoto, patient: PatientDemographics,
         ds.FocalLength = _ds(photo.exif.focal_length)
 
     # SOP Common: who made this object, from what
-    add_contributing_equipment(ds, ctx, now=now)
+    add_contributing_equipment(ds, ctx, now=now, zone=zone)
 
     ds.PixelData = _encapsulate(photo.jpeg)
     ds["PixelData"].VR = "OB"

@@ -38,7 +38,7 @@ from fhirbridge.dicom.context import CodedConcept, PatientDemographics, StudyCon
 from fhirbridge.dicom.modules import (
     _code_item,
     _ds,
-    _dt,
+    _dt_in,
     add_anatomy,
     add_camera_image,
     add_content_datetime,
@@ -99,7 +99,7 @@ def build_video_photographic(video: PreparedVideo, patient: PatientDemographics,
     ds.PatientOrientation = ""
     add_content_datetime(ds, ctx, zone=zone)
     if ctx.content_datetime is not None:
-        ds.AcquisitionDateTime = _dt(ctx.content_datetime)
+        ds.AcquisitionDateTime = _dt_in(ctx.content_datetime, zone)
     add_camera_image(ds, ctx)
     ds.LossyImageCompressionMethod = "ISO_14496_10" if info.codec == "h264" else "ISO_23008_2"
     add_anatomy(ds, ctx)
@@ -137,7 +137,7 @@ def build_video_photographic(video: PreparedVideo, patient: PatientDemographics,
     # Acquisition Context (Type 2 sequence, empty)
     ds.AcquisitionContextSequence = Sequence([])
 
-    add_contributing_equipment(ds, ctx, now=now)
+    add_contributing_equipment(ds, ctx, now=now, zone=zone)
 
     ds.PixelData = encapsulate_video(video.mp4)
     ds["PixelData"].VR = "OB"

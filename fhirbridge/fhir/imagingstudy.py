@@ -17,6 +17,10 @@ SNOMED = "http://snomed.info/sct"
 LATERALITY_SCT = {"L": ("7771000", "Left"), "R": ("24028007", "Right"),
                   "B": ("51440002", "Bilateral")}
 MODALITY_DISPLAY = {"XC": "External-camera Photography", "DOC": "Document"}
+# SNOMED CT 123037004 "Body structure": what a video's DICOM object must carry when no body
+# site was given (its Anatomic Region Sequence is required, dicom/video.py). It says nothing,
+# so the ImagingStudy leaves series.bodySite absent (unknown things stay absent).
+UNSPECIFIED_BODY_SITE = "123037004"
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def imaging_study(instances: list[InstanceSummary], *, subject: dict[str, Any],
                  "modality": _coding(inst.modality), "numberOfInstances": 0, "instance": []}
             if inst.series_description:
                 s["description"] = inst.series_description
-            if inst.body_site is not None:
+            if inst.body_site is not None and inst.body_site.code != UNSPECIFIED_BODY_SITE:
                 s["bodySite"] = {"system": SNOMED, "code": inst.body_site.code,
                                  "display": inst.body_site.meaning}
             if inst.laterality in LATERALITY_SCT:

@@ -112,3 +112,44 @@ def test_missing_staged_bytes_give_a_plain_reason(tmp_path, patient, fhir_server
         assert "/" not in reason and "Errno" not in reason
     finally:
         service.stop()
+
+
+def test_video_without_body_site_has_no_body_site_in_the_imaging_study(svc, orthanc, patient):
+    """Point 2: a video posted without bodySite: the DICOM object must name some anatomy
+    (SCT 123037004 "Body structure", required for Video Photographic), but the ImagingStudy
+    says nothing it does not know: no series.bodySite."""
+    from tests.media.test_pdf_video import make_video
+
+    mp4 = make_video("libx264", options={"profile": "high", "level": "4.1"}, frames=10)
+    r = post(svc, "/fhir/Media", media(patient, b"") | {"content": attachment(mp4, "video/mp4")})
+    assert r.status_code == 201, r.text
+    _, study = done(svc, f"Media/{r.json()['id']}")
+    (series,) = study["series"]
+    assert "bodySite" not in series and "laterality" not in series, series
+    ds = stored(orthanc, series["instance"][0]["uid"])
+    assert ds.AnatomicRegionSequence[0].CodeValue == "123037004"
+
+
+def test_sample_photo_dates_speak_of_one_zone(svc, orthanc, patient, dciodvfy_check):
+    """Point 2: the README's sample (EXIF capture time +02:00, createdDateTime the same
+    moment): every date and time of the object is in the one offset TimezoneOffsetFromUTC
+    names, and acquisition and content agree."""
+    import json
+    from pathlib import Path
+
+    sample = json.loads((Path(__file__).resolve().parents[2] / "samples"
+                         / "media-photo.json").read_text())
+    sample["subject"] = {"reference": f"Patient/{patient['id']}"}
+    for own in ("identifier", "contained"):  # this module's patient, not the sample's
+        sample.pop(own, None)
+    r = post(svc, "/fhir/Media", sample)
+    assert r.status_code in (200, 201), r.text
+    _, study = done(svc, f"Media/{r.json()['id']}")
+    ds = stored(orthanc, instance_uids(study)[0])
+    assert ds.TimezoneOffsetFromUTC == "+0200"
+    assert str(ds.AcquisitionDateTime).startswith(f"{ds.ContentDate}{ds.ContentTime[:6]}")
+    assert str(ds.AcquisitionDateTime).endswith("+0200")
+    contribution = str(ds.ContributingEquipmentSequence[0].ContributionDateTime)
+    assert contribution.endswith("+0200")
+    assert ds.AnatomicRegionSequence[0].CodeMeaning == "Upper arm structure"
+    dciodvfy_check(ds)

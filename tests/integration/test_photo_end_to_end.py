@@ -140,7 +140,7 @@ def test_photo_reaches_pacs_and_chart(request, service_name, orthanc, fhir_serve
     assert ds.IssuerOfPatientID == "HOSP"
     assert ds.PatientBirthDate == "19840307" and ds.PatientSex == "M"
     assert ds.StudyInstanceUID == uid
-    assert ds.ContentDate == "20261120" and ds.ContentTime.startswith("0915")
+    assert ds.ContentDate == "20240501" and ds.ContentTime.startswith("143005")
     assert ds.AnatomicRegionSequence[0].CodeValue == "40983000"
     assert ds.ImageLaterality == "R"
     # no EXIF / GPS / XMP; the JPEG's scan bytes are those the patient sent
