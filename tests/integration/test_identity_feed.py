@@ -5,6 +5,7 @@ correct them in Orthanc and move the ImagingStudy at the FHIR server."""
 from __future__ import annotations
 
 import io
+import re
 import socket
 import subprocess
 import sys
@@ -256,3 +257,32 @@ def test_upload_through_a_merged_reference_moves_earlier_images(service, orthanc
         return ds is not None and ds.PatientID == f"UNEW{tag}"
 
     wait_for(moved, what="the earlier image to follow the merge")
+
+
+def test_acknowledgments_as_hl7_v251_says(tmp_path):
+    """HL7 v2.5.1 §2.9 through `fhirbridge serve` and an independent client (`mllp_send`):
+    a content error is AE with an ERR segment (not AR, "resend later"); an event fhirbridge
+    does not apply is AE 201 by default, AA with a note when `[mllp] unsupported_events` (here
+    from the environment) says so; MSH-15 AL gets a commit ACK (CA)."""
+    default = FhirbridgeService(tmp_path / "ae").start()  # folder PACS, no EHR
+    noted = FhirbridgeService(tmp_path / "aa",
+                              env={"FHIRBRIDGE_MLLP__UNSUPPORTED_EVENTS": "AA"}).start()
+    try:
+        mrn = f"ACK{uuid.uuid4().hex[:8]}"
+        bad_date = adt("A08", f"PID|1||{mrn}^^^HOSP^MR||Müller^José||20231345|M")
+        a02 = adt("A02", f"PID|1||{mrn}^^^HOSP^MR||Müller^José||19840307|M")
+        enhanced = adt("A08", f"PID|1||{mrn}^^^HOSP^MR||Müller^José||19840307|M").replace(
+            "|P|2.5.1||||||", "|P|2.5.1|||AL|NE||", 1)
+        acks = re.split(r"[\r\n\x0b\x1c]+", send(default, tmp_path, bad_date, a02, enhanced))
+        msa = [line for line in acks if line.startswith("MSA|")]
+        err = [line for line in acks if line.startswith("ERR|")]
+        assert [m.split("|")[1] for m in msa] == ["AE", "AE", "CA"], acks
+        assert err[0].startswith("ERR||PID^1^7|102^") and err[1].startswith("ERR||MSH^1^9|201^")
+        for line in acks:
+            assert "Müller" not in line and mrn not in line and "2023" not in line
+        noted_acks = send(noted, tmp_path, adt("A03", f"PID|1||{mrn}^^^HOSP^MR||Doe^J"))
+        assert "MSA|AA|" in noted_acks and "not applied: event not supported" in noted_acks
+        assert "ERR|" not in noted_acks
+    finally:
+        default.stop()
+        noted.stop()
