@@ -3,7 +3,6 @@ through `fhirbridge serve` against real Orthanc and the real test FHIR server.""
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from typing import Any
 
