@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -29,8 +30,8 @@ RESULT_PARAMETERS = frozenset({"_count", "_format"})
 
 
 def lenient(request: Request) -> bool:
-    """`Prefer: handling=lenient` (the default here is strict, as HAPI FHIR's is configurable
-    and medplum's is strict)."""
+    """`Prefer: handling=lenient` asked for. The default is strict: HAPI FHIR JPA and medplum
+    both answer an unknown search parameter with 400."""
     for part in request.headers.get("prefer", "").replace(",", ";").split(";"):
         key, _, value = part.strip().partition("=")
         if key.strip().lower() == "handling":
@@ -107,7 +108,15 @@ def date_range(value: str, name: str = "date") -> tuple[datetime, datetime]:
     if at.tzinfo is None:
         at = at.replace(tzinfo=timezone.utc)
     at = at.astimezone(timezone.utc)
-    step = timedelta(microseconds=1) if at.microsecond else timedelta(seconds=1)
+    # the value's own precision is the range (3.1.1.4.2.5): 18:00:00.123Z covers a millisecond,
+    # so `gt` a resource's meta.lastUpdated (ms) leaves that resource out
+    time = re.search(r"T\d\d:\d\d(:\d\d(?:\.(\d+))?)?", value)
+    if time is None or time.group(1) is None:
+        step = timedelta(minutes=1) if time else timedelta(seconds=1)
+    else:
+        digits = len(time.group(2) or "")
+        step = timedelta(microseconds=10 ** (6 - min(digits, 6))) if digits else \
+            timedelta(seconds=1)
     return at, at + step
 
 

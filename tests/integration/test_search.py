@@ -69,6 +69,17 @@ def test_task_id_status_and_last_updated(svc, uploads):
     assert search(svc, "Task", {"status": "failed", "_id": one})["total"] == 0
 
 
+def test_last_updated_prefixes_at_the_values_precision(svc, uploads):
+    """R4 search.html 3.1.1.4.2.5: `gt` a Task's own meta.lastUpdated (milliseconds) leaves
+    it out, `ge`/`eq`/`le` keep it, `ne` leaves it out."""
+    task = svc.client.get(f"/fhir/Task/{uploads['a'][1]['id']}").json()
+    stamp = task["meta"]["lastUpdated"]
+    for prefix, found in (("gt", 0), ("ge", 1), ("eq", 1), ("", 1), ("le", 1), ("lt", 0),
+                          ("ne", 0)):
+        got = search(svc, "Task", {"_id": task["id"], "_lastUpdated": prefix + stamp})
+        assert got["total"] == found, (prefix, stamp)
+    search(svc, "Task", {"_lastUpdated": "gtyesterday"}, status=400)
+
 @pytest.mark.parametrize("rtype", ["Task", "ImagingStudy", "AuditEvent"])
 def test_unknown_parameter_is_400_unless_lenient(svc, uploads, rtype):
     outcome = search(svc, rtype, {"no-such-param": "x", "_count": "2"}, status=400)
