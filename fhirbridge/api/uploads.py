@@ -218,6 +218,31 @@ def _delete_binaries(db: Database, ids: list[str]) -> None:
         s.execute(delete(BinaryRecord).where(BinaryRecord.id.in_(ids)))
 
 
+def _match_conditional(db: Database, bundle_type: str, entries: list[Any],
+                       bound_patient: str) -> None:
+    """Entries with `request.ifNoneExist` (R4 http.html#trules): one match → the entry is
+    answered with it (`extra["existing"]`), several → 412. A transaction fails whole on a
+    bad or ambiguous condition; a batch fails that entry alone (`extra["error"]`)."""
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, InboundUpload) or "if_none_exist" not in entry.extra:
+            continue
+        try:
+            found = find_existing(db, entry.resource_type,
+                                  conditional_criteria(entry.extra["if_none_exist"]),
+                                  bound_patient=bound_patient)
+            if len(found) > 1:
+                raise FhirError(412, "duplicate", f"several {entry.resource_type} resources "
+                                "match ifNoneExist; nothing was stored",
+                                expression=f"Bundle.entry[{i}].request.ifNoneExist")
+        except FhirError as exc:
+            if bundle_type == "transaction":
+                raise
+            entry.extra["error"] = exc
+            continue
+        if found:
+            entry.extra["existing"] = found[0]
+
+
 @router.post("/fhir")
 async def transaction(request: Request, caller: Caller = Depends(authenticate)) -> Response:
     """A transaction (all or nothing) or batch Bundle of uploads for one patient."""
@@ -232,6 +257,8 @@ async def transaction(request: Request, caller: Caller = Depends(authenticate)) 
     await _check_bound(request, caller,
                        [e for e in bundle.entries if isinstance(e, InboundUpload)])
     _bind(request, ctx, caller)
+    await svc.run_sync(_match_conditional, svc.db, bundle.type, bundle.entries,
+                       caller.bound_patient)
     # Binary entries become real Binaries (as POST /fhir/Binary makes them) under the ids the
     # other entries' references were rewritten to (R4 http.html#trules)
     binaries: list[BinaryRecord] = []
@@ -245,7 +272,8 @@ async def transaction(request: Request, caller: Caller = Depends(authenticate)) 
                                          bound_patient=caller.bound_patient))
     if binaries:
         await svc.run_sync(_insert_binaries, svc.db, binaries)
-    uploads = [e for e in bundle.entries if isinstance(e, InboundUpload)]
+    uploads = [e for e in bundle.entries if isinstance(e, InboundUpload)
+               and "existing" not in e.extra and "error" not in e.extra]
     results: list[dict[str, Any] | FhirError] = []
     if bundle.type == "transaction":
         try:
@@ -277,6 +305,12 @@ async def transaction(request: Request, caller: Caller = Depends(authenticate)) 
                             "etag": 'W/"1"'})
         elif "error" in entry.extra:
             results.append(entry.extra["error"])
+        elif "existing" in entry.extra:  # ifNoneExist matched: 200 with it, nothing new
+            sub = entry.extra["existing"]
+            note_audit(request, f"{sub.resource_type}/{sub.id}", _audit_patient(entry, caller))
+            results.append({"status": "200 OK", "location": _location(request, sub),
+                            "etag": f'W/"{VERSION}"',
+                            "lastModified": fhir_instant(sub.received_at)})
         else:
             a = by_upload[id(entry)]
             note_audit(request, f"{a.resource_type}/{a.resource_id}",

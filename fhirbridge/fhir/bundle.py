@@ -154,6 +154,8 @@ def _entry(entry: Any, where: str, limits: MediaLimits | None,
         upload = parse_document_reference_resource(resource, limits=limits,
                                                    probe_video=probe_video)
     upload.full_url = full_url
+    if isinstance(request.get("ifNoneExist"), str):  # conditional create (R4 http.html#trules)
+        upload.extra["if_none_exist"] = request["ifNoneExist"]
     if full_url in ids:  # the id other entries' references were rewritten to
         upload.extra["id"] = ids[full_url].split("/", 1)[1]
     return upload

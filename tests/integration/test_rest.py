@@ -249,3 +249,62 @@ def test_prefer_return_minimal_representation_and_operation_outcome(svc, patient
     # an unknown preference is ignored (RFC 7240 2): the representation
     odd = post(svc, upload(patient), Prefer="return=everything, respond-async")
     assert odd.status_code == 201 and odd.json()["resourceType"] == "Media"
+
+
+# --- 8: Bundle entries' request.ifNoneExist ----------------------------------------------------
+
+def bundle(kind: str, *items: tuple[dict[str, Any], str | None]) -> dict[str, Any]:
+    entries = []
+    for resource, condition in items:
+        request = {"method": "POST", "url": resource["resourceType"]}
+        if condition is not None:
+            request["ifNoneExist"] = condition
+        entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource,
+                        "request": request})
+    return {"resourceType": "Bundle", "type": kind, "entry": entries}
+
+
+def post_bundle(svc: FhirbridgeService, doc: dict[str, Any]) -> httpx.Response:
+    return svc.client.post("/fhir", json=doc, headers={"Content-Type": "application/fhir+json"})
+
+
+def tasks_total(svc: FhirbridgeService) -> int:
+    r = svc.client.get("/fhir/Task", params={"_summary": "count"})
+    assert r.status_code == 200, r.text
+    return r.json()["total"]
+
+
+def test_bundle_if_none_exist_answers_the_existing_upload(svc, patient):
+    ident = f"bundle-{uuid.uuid4().hex}"
+    first = post(svc, upload(patient, ident))
+    assert first.status_code == 201
+    before = tasks_total(svc)
+    for kind in ("transaction", "batch"):
+        r = post_bundle(svc, bundle(kind, (upload(patient, ident), f"identifier={SYSTEM}|{ident}"),
+                                    (upload(patient), None)))
+        assert r.status_code == 200, r.text
+        matched, new = (e["response"] for e in r.json()["entry"])
+        assert matched["status"].startswith("200"), matched
+        assert matched["location"] == first.headers["location"]
+        assert new["status"].startswith("201"), new
+    assert tasks_total(svc) == before + 2  # only the two unconditional entries were created
+
+
+def test_bundle_if_none_exist_with_several_matches(svc, patient):
+    ident = f"bundle2-{uuid.uuid4().hex}"
+    for _ in range(2):
+        assert post(svc, upload(patient, ident)).status_code == 201
+    before = tasks_total(svc)
+    condition = f"identifier={SYSTEM}|{ident}"
+    # transaction: all or nothing
+    outcome(post_bundle(svc, bundle("transaction", (upload(patient, ident), condition),
+                                    (upload(patient), None))), 412)
+    assert tasks_total(svc) == before
+    # batch: that entry fails alone
+    r = post_bundle(svc, bundle("batch", (upload(patient, ident), condition),
+                                (upload(patient), None)))
+    assert r.status_code == 200, r.text
+    failed, new = (e["response"] for e in r.json()["entry"])
+    assert failed["status"].startswith("412"), failed
+    assert new["status"].startswith("201"), new
+    assert tasks_total(svc) == before + 1
