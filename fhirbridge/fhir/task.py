@@ -26,8 +26,7 @@ def task_resource(task: Task) -> dict[str, Any]:
     if task.reason_code:
         concept = {"coding": [{"system": REASON_SYSTEM, "code": task.reason_code}],
                    "text": task.reason_text or task.reason_code}
-        res["statusReason"] = concept
-        res["businessStatus"] = concept
+        res["statusReason"] = concept  # once: a copy in businessStatus read as a repeat
     if task.candidates_json:
         cands = json.loads(task.candidates_json)
         if cands:
