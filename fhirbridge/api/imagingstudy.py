@@ -20,6 +20,7 @@ from fhirbridge.api.search import (
     date_clause,
     keyset_page,
     page_links,
+    patient_reference,
     self_link,
     supported_parameters,
     values_of,
@@ -49,11 +50,6 @@ STUDY_PARAMETERS = frozenset({"_id", "patient", "subject", "patient:identifier",
                               "_cursor"})
 
 
-def _patient_ref(value: str) -> str:
-    value = value.split("/fhir/")[-1].split("/_history")[0]
-    return value if value.startswith("Patient/") else f"Patient/{value}"
-
-
 def _study_uid(value: str) -> str | None:
     """`urn:dicom:uid|urn:oid:1.2.3` (or a bare value) → the StudyInstanceUID; another
     identifier system matches nothing (None)."""
@@ -77,7 +73,7 @@ def search_studies(request: Request,
         where.append(col.id.in_(values))
     for name in ("patient", "subject"):
         for values in values_of(kept, name):
-            where.append(col.patient_ref.in_([_patient_ref(v) for v in values]))
+            where.append(col.patient_ref.in_([patient_reference(v) for v in values]))
         for values in values_of(kept, f"{name}:identifier"):
             where.append(col.patient_ref.in_(values))
     for values in values_of(kept, "identifier"):

@@ -29,6 +29,13 @@ _PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le")
 RESULT_PARAMETERS = frozenset({"_count", "_format"})
 
 
+def patient_reference(value: str) -> str:
+    """A reference search value as `Patient/{id}`: from `Patient/{id}`, a bare id or an
+    absolute URL (R4 search.html 3.1.1.4.6)."""
+    value = value.split("/fhir/")[-1].split("/_history")[0]
+    return value if value.startswith("Patient/") else f"Patient/{value}"
+
+
 def lenient(request: Request) -> bool:
     """`Prefer: handling=lenient` asked for. The default is strict: HAPI FHIR JPA and medplum
     both answer an unknown search parameter with 400."""

@@ -18,6 +18,7 @@ from fhirbridge.api.search import (
     date_clause,
     keyset_page,
     page_links,
+    patient_reference,
     self_link,
     supported_parameters,
     values_of,
@@ -56,12 +57,6 @@ TASK_PARAMETERS = frozenset({"_id", "focus", "patient", "subject", "status", "_l
                              "_summary", "_cursor"})
 
 
-def _patient_ref(value: str) -> str:
-    """`Patient/{id}` from `Patient/{id}`, a bare id or an absolute URL."""
-    value = value.split("/fhir/")[-1].split("/_history")[0]
-    return value if value.startswith("Patient/") else f"Patient/{value}"
-
-
 def task_conditions(kept: list[tuple[str, str]]) -> list[Any]:
     """R4 Task search parameters: `_id`, `focus`, `patient`/`subject` (the patient the upload
     was bound to or stored under: an unknown patient matches nothing), `status`,
@@ -74,7 +69,7 @@ def task_conditions(kept: list[tuple[str, str]]) -> list[Any]:
                                      for v in values]))
     for name in ("patient", "subject"):
         for values in values_of(kept, name):
-            where.append(or_(*[submission_of_patient(_patient_ref(v)) for v in values]))
+            where.append(or_(*[submission_of_patient(patient_reference(v)) for v in values]))
     for values in values_of(kept, "status"):
         where.append(Task.status.in_(values))
     for values in values_of(kept, "_lastUpdated"):
