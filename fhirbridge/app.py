@@ -261,7 +261,6 @@ def create_app(services: Services, *, workers: int | None = None,
     app.include_router(auditevent.router)
     if services.audit is not None:  # outside BodySizeLimit: a 413 is audited too
         app.add_middleware(AuditMiddleware, recorder=services.audit,
-                           admin_token=services.settings.http.admin_token,
                            lookup_patient=partial(subject_of, services.db))
     # added last = outermost: a request over the cap is refused before anything else runs
     app.add_middleware(RequestTimeout, seconds=services.settings.http.request_timeout_seconds)

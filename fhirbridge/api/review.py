@@ -38,7 +38,7 @@ def held(request: Request) -> list[dict[str, Any]]:
 @router.post("/review/{task_id}")
 def review(task_id: str, body: Decision, request: Request) -> JSONResponse:
     svc = services_of(request)
-    agent = agent_of(request.scope, 200, svc.settings.http.admin_token)
+    agent = agent_of(request.scope, 200)  # the caller require_operator proved
     # the request's own AuditEvent (middleware) names the Task and the confirmed patient
     noted = getattr(request.state, "audit_entities", None) or []
     request.state.audit_entities = noted

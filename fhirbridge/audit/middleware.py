@@ -12,7 +12,6 @@ that 503; it is logged (without PHI) and the client's retry is answered from the
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import Callable
@@ -44,17 +43,11 @@ def _address(scope: Scope) -> str:
     return str(client[0]) if client else ""
 
 
-def _header(scope: Scope, name: bytes) -> str:
-    for k, v in scope.get("headers") or ():
-        if k.lower() == name:
-            return bytes(v).decode("latin-1")
-    return ""
-
-
-def agent_of(scope: Scope, status: int, admin_token: str = "") -> Agent:
+def agent_of(scope: Scope, status: int) -> Agent:
     """Who made the request, from the proven credential only (never from the body): the
-    Caller that authentication left in `request.state.caller` (token `sub` + `client_id`),
-    the operator's admin token, a loopback client, or "unauthenticated" for a 401."""
+    Caller that authentication left in `request.state.caller` (token `sub` + `client_id`,
+    the admin token, a loopback client: `fhirbridge.api.auth`), "unauthenticated" for a 401,
+    else the network address."""
     state = scope.get("state") or {}
     address = _address(scope)
     caller = state.get("caller") if isinstance(state, dict) else None
@@ -64,19 +57,11 @@ def agent_of(scope: Scope, status: int, admin_token: str = "") -> Agent:
         return Agent(who or "unknown", client_id if client_id != who else "",
                      str(getattr(caller, "address", "") or address),
                      str(getattr(caller, "kind", "") or "token"))
-    if admin_token and hmac.compare_digest(_header(scope, b"authorization").encode(),
-                                           f"Bearer {admin_token}".encode()):
-        return Agent("admin-token", "", address, "admin-token")
     if status == 401:
         return Agent("unauthenticated", "", address, "unauthenticated")
     if is_loopback(address):
         return Agent(f"loopback@{address}", "", address, "loopback")
     return Agent(f"anonymous@{address}", "", address, "anonymous")
-
-
-def operator_who(scope: Scope, admin_token: str = "") -> str:
-    """The operator's identity for records such as a review decision (the credential's)."""
-    return agent_of(scope, 200, admin_token).who
 
 
 def _location_ref(headers: list[tuple[bytes, bytes]], rtype: str) -> str:
@@ -111,11 +96,10 @@ class AuditMiddleware:
     """`lookup_patient(reference)` (blocking) returns the subject of a stored resource
     ("Media/1" → its subject) so reads and creates carry BALP's entity:patient."""
 
-    def __init__(self, app: Any, recorder: AuditRecorder, *, admin_token: str = "",
+    def __init__(self, app: Any, recorder: AuditRecorder, *,
                  lookup_patient: Callable[[str], Any] | None = None) -> None:
         self.app = app
         self.recorder = recorder
-        self.admin_token = admin_token
         self.lookup_patient = lookup_patient
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -165,7 +149,7 @@ class AuditMiddleware:
         interaction, rtype, rid = interaction_of(scope.get("method", "GET"), scope["path"])
         entities = self._entities(scope, interaction, rtype, rid, status, headers)
         row = rest_event(interaction=interaction, status=status,
-                         agent=agent_of(scope, status, self.admin_token), entities=entities,
+                         agent=agent_of(scope, status), entities=entities,
                          source_id=self.recorder.source_id,
                          server_address=self.recorder.server_address)
         self.recorder.record([row])
