@@ -168,19 +168,14 @@ def _answered(app: Any) -> Any:
     middleware sends our OperationOutcome, then re-raises for the server to log) stopped
     here: api.responses has logged it once, without PHI."""
 
+    from fhirbridge.api.limits import TrackedSend
+
     async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        started = False
-
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            if message.get("type") == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await app(scope, receive, tracking_send)
+            await app(scope, receive, tracked)
         except Exception:
-            if scope.get("type") != "http" or not started:
+            if scope.get("type") != "http" or not tracked.started:
                 raise
 
     return asgi

@@ -56,7 +56,6 @@ class BodySizeLimit:
                 await _reject(send, setting)
                 return
         seen = 0
-        started = False
 
         async def limited_receive() -> dict[str, Any]:
             nonlocal seen
@@ -67,16 +66,11 @@ class BodySizeLimit:
                     raise _TooLarge()
             return message
 
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except _TooLarge:
-            if not started:
+            if not tracked.started:
                 await _reject(send, setting)
 
 
@@ -85,13 +79,22 @@ class _TooLarge(Exception):
 
 
 async def _reject(send: Any, setting: str) -> None:
-    body = json.dumps(operation_outcome("too-long", "request body exceeds the configured "
-                                        f"limit ({setting})")).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/fhir+json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    await _outcome(send, 413, "too-long", "request body exceeds the configured limit "
+                   f"({setting})", [(b"connection", b"close")])
+
+
+class TrackedSend:
+    """An ASGI `send` that remembers whether the response has started (after that, an error
+    can no longer be answered with an OperationOutcome)."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
 
 
 async def _outcome(send: Any, status: int, code: str, text: str,
@@ -123,7 +126,6 @@ class RequestTimeout:
             return
         deadline = time.monotonic() + self.seconds
         body_done = False
-        started = False
 
         async def timed_receive() -> dict[str, Any]:
             nonlocal body_done
@@ -137,16 +139,11 @@ class RequestTimeout:
                 body_done = True
             return message  # type: ignore[no-any-return]
 
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, timed_receive, tracking_send)
+            await self.app(scope, timed_receive, tracked)
         except _TimedOut:
-            if not started:
+            if not tracked.started:
                 await _outcome(send, 408, "timeout", "the request body did not arrive within "
                                "the configured time (http.request_timeout_seconds)",
                                [(b"connection", b"close")])

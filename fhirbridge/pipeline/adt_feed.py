@@ -43,6 +43,7 @@ from fhirbridge.hl7 import (
     PatientMerge,
     PatientUpsert,
 )
+from fhirbridge.hl7.message import UNSUPPORTED_EVENT_CODE
 from fhirbridge.identity.model import Identifier, Name
 from fhirbridge.pipeline.corrections import enqueue_correction
 from fhirbridge.store.db import Database
@@ -61,7 +62,7 @@ class _Redo(Exception):
 
 #: MSA-3 / stored ack_text for a trigger event that is recorded but not applied
 NOT_APPLIED_TEXT = "not applied: event not supported"
-_UNSUPPORTED = ("201", ("MSH", 9))  # HL7 table 0357 unsupported event code, at MSH-9.2
+_UNSUPPORTED = (UNSUPPORTED_EVENT_CODE, ("MSH", 9))  # HL7 table 0357, at MSH-9.2
 
 
 class _Refused(Exception):
