@@ -11,6 +11,8 @@ import pydicom
 import pytest
 
 from tests.support import phi
+from tests.support.ehr_proxy import EhrProxy
+from tests.support.idp import IdentityProvider
 from tests.support.servers import FhirServer, OrthancServer, dciodvfy, require_tools
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,22 @@ def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirServer
     server = FhirServer(tmp_path_factory.mktemp("fhir-server"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[IdentityProvider]:
+    """The test SMART identity provider (tests/support/idp.py), one per module: its JWKS
+    read counts and rotated keys are that module's own."""
+    with IdentityProvider() as provider:
+        yield provider
+
+
+@pytest.fixture(scope="module")
+def proxy(fhir_server: FhirServer, idp: IdentityProvider) -> Iterator[EhrProxy]:
+    """The test FHIR server behind an auth-checking proxy: any request without a token the
+    module's `idp` issued is refused 401."""
+    with EhrProxy(fhir_server.base_url, idp) as p:
+        yield p
 
 
 @pytest.fixture

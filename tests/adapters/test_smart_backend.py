@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,23 +22,10 @@ from fhirbridge.adapters.smart_backend import (
     build_ehr_auth,
 )
 from fhirbridge.config import EhrSettings
-from tests.support.ehr_proxy import EhrProxy
 from tests.support.idp import IdentityProvider, ec_key, private_pem, rsa_key
 from tests.support.servers import free_port
 
 MRN_SYSTEM = "urn:oid:2.16.840.1.113883.3.7777"
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[IdentityProvider]:
-    with IdentityProvider() as provider:
-        yield provider
-
-
-@pytest.fixture(scope="module")
-def proxy(fhir_server, idp) -> Iterator[EhrProxy]:
-    with EhrProxy(fhir_server.base_url, idp) as p:
-        yield p
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,12 +20,6 @@ from tests.support.idp import IdentityProvider, rsa_key
 from tests.support.phi import seed
 
 AUD = "https://fhirbridge.example/fhir"
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[IdentityProvider]:
-    with IdentityProvider() as provider:
-        yield provider
 
 
 def verifier(idp: IdentityProvider, **kw: Any) -> TokenVerifier:

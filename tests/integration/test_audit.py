@@ -35,13 +35,6 @@ PORTAL_SCOPES = ("system/Media.c system/Media.r system/Task.rs system/ImagingStu
 
 
 @pytest.fixture(scope="module")
-def idp() -> Iterator[IdentityProvider]:
-    provider = IdentityProvider().start()
-    yield provider
-    provider.stop()
-
-
-@pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Collector, TestCA]]:
     ca = TestCA(tmp_path_factory.mktemp("audit-ca"))
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,6 @@ from tests.support.service import FhirbridgeService
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 ALL = "system/*.*"
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[IdentityProvider]:
-    with IdentityProvider() as provider:
-        yield provider
 
 
 @pytest.fixture(scope="module")

@@ -17,24 +17,11 @@ import httpx
 import pytest
 
 from tests.integration.test_photo_end_to_end import media_for, unique_photo
-from tests.support.ehr_proxy import EhrProxy
-from tests.support.idp import IdentityProvider, ec_key, private_pem
+from tests.support.idp import ec_key, private_pem
 from tests.support.service import FhirbridgeService
 
 CLIENT_ID = "fhirbridge-it"
 KEY_ID = "fhirbridge-it-1"
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[IdentityProvider]:
-    with IdentityProvider() as provider:
-        yield provider
-
-
-@pytest.fixture(scope="module")
-def proxy(fhir_server, idp) -> Iterator[EhrProxy]:
-    with EhrProxy(fhir_server.base_url, idp) as p:
-        yield p
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,10 @@ import httpx
 import pytest
 
 from tests.integration.test_photo_end_to_end import media_for, unique_photo
-from tests.support.idp import IdentityProvider
 from tests.support.service import FhirbridgeService
 
 FHIR_JSON_UTF8 = "application/fhir+json; charset=utf-8"
 SYSTEM = "https://portal.example.org/uploads"
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[IdentityProvider]:
-    with IdentityProvider() as provider:
-        yield provider
 
 
 @pytest.fixture(scope="module")
