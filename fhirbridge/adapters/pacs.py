@@ -326,17 +326,6 @@ def _credentials_refused(what: str, status: int) -> PacsError:
                      "pacs.username/password or pacs.bearer_token", retryable=False)
 
 
-class BearerAuth(httpx.Auth):
-    """`Authorization: Bearer <token>` (RFC 6750 2.1) on every request."""
-
-    def __init__(self, token: str) -> None:
-        self._header = f"Bearer {token}"
-
-    def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
-        request.headers["Authorization"] = self._header
-        yield request
-
-
 def _stow_failed_sop_sequence(r: httpx.Response) -> list[object]:
     """PS3.18 Table 10.5.3-1: FailedSOPSequence (0008,1198) lists what was not stored."""
     try:
@@ -553,11 +542,11 @@ def open_pacs(url: str, *, ae_title: str = "FHIRBRIDGE", wado_rs_url: str = "",
                               'and the Orthanc REST correction (correction = "orthanc") only')
     tls = (client_context(ca_file=tls_ca_file, cert_file=tls_cert_file,
                           key_file=tls_key_file, setting="pacs") if tls_wanted else None)
-    auth: httpx.Auth | None = None
-    if scheme in ("http", "https"):
-        auth = (BearerAuth(bearer_token) if bearer_token else
-                httpx.BasicAuth(username, password) if username else None)
-    if auth is not None and scheme == "http":
+    # STOW-RS credentials: basic (httpx.BasicAuth) or a bearer token (RFC 6750 2.1 header)
+    auth = httpx.BasicAuth(username, password) if username and scheme in ("http",
+                                                                           "https") else None
+    bearer = {"Authorization": f"Bearer {bearer_token}"} if bearer_token else {}
+    if (auth is not None or bearer) and scheme == "http":
         log.warning("PACS credentials are sent over plain http:// (use https://)")
     if scheme == "dicom+tls":
         pacs: Pacs = DimsePacs(url, ae_title=ae_title, max_pdu=max_pdu, timeout=timeout,
@@ -568,7 +557,7 @@ def open_pacs(url: str, *, ae_title: str = "FHIRBRIDGE", wado_rs_url: str = "",
                          wado_rs_url=wado_rs_url)
     elif scheme in ("http", "https"):
         pacs = StowRsPacs(url, timeout=timeout, wado_rs_url=wado_rs_url, auth=auth,
-                          verify=tls if tls is not None and scheme == "https" else True)
+                          headers=bearer, verify=tls if tls is not None and scheme == "https" else True)
     elif scheme == "file":
         pacs = FolderPacs(url, wado_rs_url=wado_rs_url)
     else:
@@ -576,7 +565,7 @@ def open_pacs(url: str, *, ae_title: str = "FHIRBRIDGE", wado_rs_url: str = "",
     log.info("PACS: %s, TLS %s%s", {"dicom+tls": "DIMSE C-STORE", "dicom": "DIMSE C-STORE",
                                     "http": "STOW-RS", "https": "STOW-RS"}.get(scheme, "folder"),
              "on" if scheme in ("dicom+tls", "https") else "off",
-             ", with credentials" if auth is not None else "")
+             ", with credentials" if auth is not None or bearer else "")
     if correction == "orthanc":
         if not orthanc_url:
             raise ValueError('pacs.correction = "orthanc" needs pacs.orthanc_url')
@@ -591,5 +580,5 @@ def open_pacs(url: str, *, ae_title: str = "FHIRBRIDGE", wado_rs_url: str = "",
     return pacs
 
 
-__all__ = ["BearerAuth", "DimsePacs", "FolderPacs", "OrthancCorrections", "Pacs",
+__all__ = ["DimsePacs", "FolderPacs", "OrthancCorrections", "Pacs",
            "PacsConfigError", "PacsError", "StowRsPacs", "open_pacs"]
