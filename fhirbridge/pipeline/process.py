@@ -152,13 +152,12 @@ class Pipeline:
             return False
         try:
             self.handlers[job.kind](job)
-        except Permanent as exc:
+        except (Permanent, EhrRefused) as exc:  # EhrRefused: e.g. our credentials refused
+            code, text = ((exc.code, exc.text) if isinstance(exc, Permanent)
+                          else ("ehr-refused", str(exc)))
             # 'lost': our lease expired and another worker owns the job now; it reports.
-            if self.queue.fail(job, f"{exc.code}: {exc.text}", retryable=False) != "lost":
-                self._set_task_for(job, "failed", exc.code, exc.text)
-        except EhrRefused as exc:  # e.g. the EHR's token endpoint refused our credentials
-            if self.queue.fail(job, f"ehr-refused: {exc}", retryable=False) != "lost":
-                self._set_task_for(job, "failed", "ehr-refused", str(exc))
+            if self.queue.fail(job, f"{code}: {text}", retryable=False) != "lost":
+                self._set_task_for(job, "failed", code, text)
         except (EhrUnavailable, PacsError, AttachmentUnavailable, OSError) as exc:
             retryable = getattr(exc, "retryable", True)
             state = self.queue.fail(job, f"{type(exc).__name__}: {exc}", retryable=retryable)
